@@ -1,0 +1,3 @@
+"""vldistill: vision-language knowledge distillation on Hugging Face models."""
+
+__version__ = "0.1.0"
