@@ -35,7 +35,7 @@ class Registry:
     def get(self, name: str) -> Any:
         if name not in self._entries:
             allowed = ", ".join(sorted(self._entries)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {allowed}")
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {allowed}")
         return self._entries[name]
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:

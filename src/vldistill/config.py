@@ -1,0 +1,449 @@
+"""Typed run configuration: recipe YAML + command-line overrides -> validated dataclasses.
+
+A recipe is one YAML file (one experiment). Overrides use dotted keys, e.g. ``--train.lr 1e-4`` or
+``--stages.0.steps 50``; values are parsed as YAML. An unknown key or a bad value fails with a
+:class:`ConfigError` that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .registry import Registry
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+# ----------------------------------------------------------------------------------------------------- schema
+@dataclass
+class TeacherConfig:
+    """One frozen teacher."""
+
+    name_or_path: str | None = None
+    """Hub id or local directory of a CLIP-family model. The quickstart fills in its reference teacher."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    """Caption languages the teacher's text tower understands; other languages are distilled cross-lingually."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off unless you ask for it."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype the teacher runs in."""
+    source: Literal["live"] = "live"
+    """Where teacher outputs come from: ``live`` runs the teacher on every batch."""
+
+
+@dataclass
+class StudentConfig:
+    """The student to train."""
+
+    preset: str = "clip-tiny"
+    """A registered student preset (``vldistill info`` lists them)."""
+    tokenizer: str | None = None
+    """Hub id or directory of the student's tokenizer; ``null`` trains a WordPiece tokenizer on the training
+    captions (all languages), the evaluation class names and templates."""
+    vocab_size: int = 2000
+    """Vocabulary size when a tokenizer is trained."""
+    name_or_path: str | None = None
+    """For preset ``pretrained``: the dual encoder to start from."""
+    vision: str | None = None
+    """For preset ``vtde``: the pretrained vision model."""
+    text: str | None = None
+    """For preset ``vtde``: the pretrained text model."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Preset size overrides, e.g. ``{vision.num_hidden_layers: 3, projection_dim: 128}``."""
+
+    def __post_init__(self):
+        if self.vocab_size < 16:
+            raise ConfigError(f"student.vocab_size = {self.vocab_size}: must be at least 16")
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data."""
+
+    train: str = "bundled:easyvqa"
+    """``bundled:easyvqa``, a ``.jsonl``/``.csv`` manifest, or ``hf:NAME_OR_PATH`` (a ``datasets`` dataset)."""
+    eval: str | None = "bundled:easyvqa"
+    """Evaluation data in the same forms; ``null`` skips evaluation."""
+    languages: list[str] = field(default_factory=lambda: ["en", "zh"])
+    """Caption languages to train on; every sample needs a caption in each."""
+    train_split: str = "train"
+    """Split for ``hf:`` and bundled data."""
+    eval_split: str = "test"
+    """Split for ``hf:`` and bundled evaluation data."""
+    image_root: str | None = None
+    """Directory that relative image paths in a manifest are resolved against (default: the manifest's)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping for ``hf:`` data, e.g. ``{image: img, caption: text}``."""
+    skip_bad: bool = False
+    """Skip rows with a missing/corrupt image or an empty caption (and report how many) instead of failing."""
+    limit_train: int | None = None
+    """Use only this many training samples (deterministic subset)."""
+    limit_eval: int | None = None
+    """Use only this many evaluation samples."""
+    classnames: dict[str, list[str]] = field(default_factory=dict)
+    """Zero-shot class names per language for non-bundled evaluation data (labels index into them)."""
+    templates: dict[str, list[str]] = field(default_factory=dict)
+    """Zero-shot prompt templates per language (each with ``{}``); default ``a photo of a {}.``."""
+
+
+@dataclass
+class LossConfig:
+    """One weighted loss term. In YAML every key besides ``name``, ``weight`` and ``label`` is a loss option."""
+
+    name: str = "clip"
+    """A registered loss (``vldistill info`` lists them)."""
+    weight: float = 1.0
+    """Multiplier of this term in the total loss."""
+    label: str | None = None
+    """Name of the term in logs (default: the loss name plus its tower/language)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the loss (checked against its signature when the run starts)."""
+
+
+@dataclass
+class StageConfig:
+    """A training stage: a number of steps with one objective and one set of trainable towers."""
+
+    name: str = "train"
+    """Stage name (logs and checkpoints)."""
+    steps: int = 100
+    """Optimiser steps in this stage."""
+    losses: list[LossConfig] = field(default_factory=lambda: [LossConfig()])
+    """The weighted terms of the objective."""
+    trainable: list[Literal["image", "text"]] = field(default_factory=lambda: ["image", "text"])
+    """Student towers that receive gradients in this stage."""
+    lr: float | None = None
+    """Peak learning rate of this stage (default: ``train.lr``)."""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError(f"stage {self.name!r}: steps = {self.steps}: must be at least 1")
+        if not self.losses:
+            raise ConfigError(f"stage {self.name!r}: losses is empty; give at least one loss")
+        if not self.trainable:
+            raise ConfigError(f"stage {self.name!r}: trainable is empty; allowed: image, text")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision, checkpoints and logging."""
+
+    batch_size: int = 64
+    """Samples per optimiser step (per process, before gradient accumulation)."""
+    lr: float = 5e-4
+    """Peak learning rate (AdamW), reached after warm-up, then cosine decay to zero at the end of each stage."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases, norms and the logit scale)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps at the start of each stage."""
+    grad_accum: int = 1
+    """Gradient accumulation: micro-batches per optimiser step."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Mixed precision through Accelerate."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping norm; ``null`` disables clipping."""
+    seed: int = 0
+    """Seed for initialisation, data order and masking."""
+    checkpoint_every: int = 0
+    """Also write a checkpoint every N steps (0: only at the end of each stage)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    output_dir: str = "runs/fit"
+    """Where checkpoints, metrics and the exported student go."""
+    progress: bool = True
+    """Show a progress bar."""
+    tensorboard: bool = True
+    """Also log to TensorBoard (``OUTPUT_DIR/tb``)."""
+
+    def __post_init__(self):
+        for key in ("batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} = {getattr(self, key)}: must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr = {self.lr}: must be positive")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.log_every < 1:
+            raise ConfigError("train.warmup_steps and train.checkpoint_every must be >= 0, train.log_every >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate after training."""
+
+    languages: list[str] = field(default_factory=lambda: ["en", "zh"])
+    """Languages for zero-shot classification and retrieval."""
+    batch_size: int = 128
+    """Evaluation batch size."""
+
+
+@dataclass
+class RecipeConfig:
+    """One experiment. In YAML, ``teacher:`` (one mapping) is shorthand for a one-element ``teachers:`` list."""
+
+    name: str = "recipe"
+    """Name of the experiment."""
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    """Frozen teachers; empty for training without distillation."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tiny: dict[str, Any] = field(default_factory=dict)
+    """Overrides (dotted keys) applied by ``--tiny``: a version of the recipe that runs in seconds."""
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.stages)
+
+
+# ------------------------------------------------------------------------------------------ dict -> dataclass
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (ints to floats, nested dataclasses)."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            allowed = ", ".join(str(a) for a in typing.get_args(tp))
+            raise ConfigError(f"{key} = {value!r}: allowed values: {allowed}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r}: expected a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r}: expected a mapping")
+        _, val_tp = typing.get_args(tp)
+        return {k: _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: expected a string")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def from_dict(cls: type, data: Any, key: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and values of the wrong type."""
+    where = key or "recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} = {data!r}: expected a mapping with keys {', '.join(_field_names(cls))}")
+    hints = typing.get_type_hints(cls)
+    names = _field_names(cls)
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown key {_join(key, unknown[0])!r}; allowed keys{' of ' + key if key else ''}: {', '.join(names)}"
+        )
+    kwargs = {k: _convert(v, hints[k], _join(key, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain dict (for saving the resolved config next to a run)."""
+    return dataclasses.asdict(obj)
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _join(prefix: str, name: Any) -> str:
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+# ----------------------------------------------------------------------------------------- YAML and overrides
+def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
+    """YAML conveniences: ``teacher:`` shorthand, and loss options written inline next to ``name``/``weight``."""
+    raw = copy.deepcopy(raw)
+    if "teacher" in raw:
+        if "teachers" in raw:
+            raise ConfigError("give either 'teacher' or 'teachers', not both")
+        teacher = raw.pop("teacher")
+        raw["teachers"] = [] if teacher is None else [teacher]
+    for i, stage in enumerate(raw.get("stages") or []):
+        if not isinstance(stage, dict):
+            raise ConfigError(f"stages.{i} = {stage!r}: expected a mapping")
+        losses = stage.get("losses")
+        if isinstance(losses, list):
+            stage["losses"] = [_split_loss(term, f"stages.{i}.losses.{j}") for j, term in enumerate(losses)]
+    return raw
+
+
+def _split_loss(term: Any, key: str) -> dict[str, Any]:
+    if isinstance(term, str):
+        return {"name": term}
+    if not isinstance(term, dict) or "name" not in term:
+        raise ConfigError(f"{key} = {term!r}: expected a mapping with at least 'name' (and weight, options)")
+    fixed = {k: term[k] for k in ("name", "weight", "label") if k in term}
+    options = dict(term.get("options") or {})
+    options.update({k: v for k, v in term.items() if k not in ("name", "weight", "label", "options")})
+    return {**fixed, "options": options}
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--train.lr", "1e-4", "--stages.0.steps=5"]`` -> ``{"train.lr": 1e-4, "stages.0.steps": 5}``."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"override {arg!r}: expected --key value or --key=value (e.g. --train.lr 1e-4)")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg!r} has no value")
+            key, text = arg[2:], args[i + 1]
+            i += 2
+        out[key] = yaml.safe_load(text)
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a raw (normalised) recipe dict; integer segments index lists."""
+    raw = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        if parts[0] == "teacher":  # the YAML shorthand also works on the command line
+            parts = ["teachers", "0", *parts[1:]]
+            raw.setdefault("teachers", [])
+            if not raw["teachers"]:
+                raw["teachers"].append({})
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            here = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                node = _list_item(node, part, here)
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict | list):
+                    raise ConfigError(f"override {dotted!r}: {here} is a value, not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            index = _index(node, last, dotted)
+            node[index] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def _index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {key!r}: {part!r} is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def _list_item(node: list, part: str, key: str) -> Any:
+    return node[_index(node, part, key)]
+
+
+RECIPES = Registry("recipe")
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _register_recipe_files() -> None:
+    """Every ``recipes/*.yaml`` of the source checkout is a named recipe (``vldistill fit dcclip``)."""
+    if RECIPE_DIR.is_dir():
+        for path in sorted(RECIPE_DIR.glob("*.yaml")):
+            RECIPES.register(path.stem)(path)
+
+
+_register_recipe_files()
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a registered recipe."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
+        return path
+    try:
+        return RECIPES.get(str(name_or_path))
+    except KeyError as err:
+        raise ConfigError(str(err.args[0])) from None
+
+
+def load_recipe(
+    name_or_path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    tiny: bool = False,
+    raw: dict[str, Any] | None = None,
+) -> RecipeConfig:
+    """Load a recipe (file, registered name, or raw dict), apply ``tiny`` and user overrides, and validate.
+
+    The tiny overrides come first, so the user's own overrides win.
+    """
+    if raw is None:
+        path = resolve_recipe_path(name_or_path)
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    raw = _normalise(raw)
+    if tiny:
+        raw = apply_overrides(raw, raw.get("tiny") or {})
+    raw = apply_overrides(raw, overrides or {})
+    return from_dict(RecipeConfig, raw)

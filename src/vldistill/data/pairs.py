@@ -1,0 +1,717 @@
+"""Image-caption pairs: the one dataset type that trainers and evaluators read.
+
+A :class:`PairDataset` holds :class:`Sample` s, each an image with one caption per language (parallel sentences) and
+an optional class label. It checks every sample when it is built, decoding every image, so that a bad file fails
+before training starts with a message naming the file, the row and the problem, rather than halfway through an
+epoch. With ``skip_bad=True`` bad samples are dropped and counted instead.
+
+Sources: :func:`load_manifest` reads a JSONL or CSV manifest, :func:`load_hf_dataset` a Hugging Face dataset (hub
+name, local files or a dataset saved with ``save_to_disk``). :func:`collate_raw` batches the raw items; the model's
+own processor turns them into tensors later, so that teacher and student never share preprocessing by accident.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ["DataError", "PairDataset", "Sample", "collate_raw", "load_hf_dataset", "load_manifest"]
+
+DEFAULT_LANG = "en"
+MANIFEST_COLUMNS = ("image", "caption", "lang", "id", "label")
+_REQUIRED_COLUMNS = ("image", "caption")
+_MANIFEST_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+# Column names tried, in order, when `load_hf_dataset` is given no mapping for a key.
+_HF_DEFAULT_COLUMNS = {
+    "image": ("image", "img", "image_path", "file_name"),
+    "caption": ("caption", "text", "sentence"),
+    "lang": ("lang", "language"),
+    "label": ("label",),
+    "id": ("id",),
+}
+# Errors PIL raises for files it cannot read; anything else is a bug and should propagate.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# Below this many images, or this many pixels per image, a thread pool costs more than it saves.
+_PARALLEL_DECODE_MIN = 256
+_PARALLEL_DECODE_MIN_PIXELS = 256 * 256
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file or row and the problem."""
+
+
+@dataclass
+class Sample:
+    """One image with its captions.
+
+    Attributes:
+        image: image file path (absolute after loading), or a name such as ``"data.jsonl:train[3]"`` when the
+            image is held in memory in ``data``.
+        captions: language tag -> caption, e.g. ``{"en": "a red circle", "zh": "一个红色的圆形"}``.
+        label: class index for zero-shot evaluation, -1 if none.
+        data: the image itself when it lives in memory rather than in a file: encoded bytes or a PIL image.
+            When set, ``image`` is only a name.
+        origin: where the sample came from, e.g. ``"data/train.jsonl row 7"``; error messages start with it.
+    """
+
+    image: str
+    captions: dict[str, str]
+    label: int = -1
+    data: bytes | Image.Image | None = field(default=None, repr=False, compare=False)
+    origin: str = ""
+
+
+def decode_image(sample: Sample) -> Image.Image:
+    """Opens and fully decodes the image of a sample as RGB.
+
+    Raises:
+        DataError: the file is missing or cannot be decoded; the message names the image but not the row.
+    """
+    if isinstance(sample.data, Image.Image):
+        try:
+            return sample.data.convert("RGB")
+        except _DECODE_ERRORS as err:
+            raise DataError(f"image {sample.image!r} cannot be decoded ({type(err).__name__}: {err})") from err
+    if sample.data is None and not os.path.isfile(sample.image):
+        raise DataError(f"image {sample.image!r} not found")
+    source = io.BytesIO(sample.data) if sample.data is not None else sample.image
+    try:
+        with Image.open(source) as img:
+            # convert() forces a full decode, so a truncated file fails here and not in the middle of an epoch.
+            return img.convert("RGB")
+    except _DECODE_ERRORS as err:
+        raise DataError(f"image {sample.image!r} cannot be decoded ({type(err).__name__}: {err})") from err
+
+
+def _caption_problem(sample: Sample, languages: Sequence[str] | None) -> str | None:
+    """Returns what is wrong with the captions or label of a sample, or None."""
+    if not isinstance(sample.captions, Mapping) or not sample.captions:
+        return "no captions"
+    for lang, text in sample.captions.items():
+        if not isinstance(text, str):
+            return f"caption for language {lang!r} is {type(text).__name__}, not a string"
+        if not text.strip():
+            return f"empty caption for language {lang!r}"
+    for lang in languages or ():
+        if lang not in sample.captions:
+            return f"no caption for language {lang!r} (has: {', '.join(sample.captions)})"
+    if not isinstance(sample.label, int) or isinstance(sample.label, bool) or sample.label < -1:
+        return f"label {sample.label!r} is not a class index (an int >= 0, or -1 for none)"
+    return None
+
+
+def _common_languages(samples: Sequence[Sample], source: str) -> list[str]:
+    """Languages that every sample has a caption in, in order of first appearance."""
+    seen: dict[str, int] = {}
+    for sample in samples:
+        for lang in sample.captions:
+            seen[lang] = seen.get(lang, 0) + 1
+    common = [lang for lang, count in seen.items() if count == len(samples)]
+    partial = {lang: count for lang, count in seen.items() if count < len(samples)}
+    if not common:
+        raise DataError(f"{source or 'dataset'}: no language has a caption in every sample (counts: {seen})")
+    if partial:
+        warnings.warn(
+            f"{source or 'dataset'}: ignoring languages only some of the {len(samples)} samples have: {partial}; "
+            f"pass languages=[...] to require them",
+            stacklevel=3,
+        )
+    return common
+
+
+class PairDataset(Dataset):
+    """Image-caption pairs, checked up front.
+
+    Every image is opened and fully decoded once at construction; every caption must be non-empty after stripping;
+    with ``languages`` given, every sample must have a caption in each of them.
+
+    Items are dicts ``{"index": i, "image": PIL RGB image, "captions": {lang: str}, "label": int}`` with captions
+    in :attr:`languages` only. With ``preload`` the decoded images are kept and the same objects are returned on
+    every access: transforms must not modify them in place (PIL's own transforms return new images).
+
+    Attributes:
+        samples: the kept samples, captions stripped.
+        languages: the requested languages, or else those present in every sample.
+        skipped: how many input samples were dropped as bad (``skip_bad=True`` only).
+        skipped_reasons: one message per dropped sample, each naming the file or row and the problem.
+        total: how many samples there were before dropping.
+        source: name of where the samples came from, used in messages.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        languages: Sequence[str] | None = None,
+        skip_bad: bool = False,
+        preload: bool = False,
+        source: str = "",
+    ):
+        """Checks the samples and optionally decodes and keeps their images.
+
+        Args:
+            samples: the samples; they are not modified.
+            languages: language tags every sample must have a caption in; None accepts what the samples have.
+            skip_bad: drop bad samples (and count them) instead of raising.
+            preload: keep the decoded RGB images in memory; much faster epochs for small datasets.
+            source: name of the origin (a file, a dataset), used in messages for samples without ``origin``.
+
+        Raises:
+            DataError: a sample is bad (without ``skip_bad``), or no sample is left.
+        """
+        self.source = source
+        self.skipped = 0
+        self.skipped_reasons: list[str] = []
+        self.total = len(samples)
+        requested = _check_language_list(languages, source)
+        kept: list[Sample] = []
+        images: list[Image.Image] = []
+        for i, (sample, result) in enumerate(zip(samples, self._decode_all(samples, preload), strict=True)):
+            problem = _caption_problem(sample, requested) or (str(result) if isinstance(result, DataError) else None)
+            if problem is not None:
+                self._reject(f"{self._where(i, sample)}: {problem}", skip_bad)
+                continue
+            kept.append(replace(sample, captions={lang: text.strip() for lang, text in sample.captions.items()}))
+            if preload:
+                images.append(result)
+        if not kept:
+            first = f" (first: {self.skipped_reasons[0]})" if self.skipped_reasons else ""
+            raise DataError(f"{source or 'dataset'}: no valid samples out of {self.total}{first}")
+        self.samples = kept
+        self.languages = requested if requested is not None else _common_languages(kept, source)
+        self._images = images if preload else None
+
+    @staticmethod
+    def _decode_all(samples: Sequence[Sample], keep: bool) -> Iterator[Image.Image | DataError | None]:
+        """Decodes every image in order, yielding the image (or None when not kept) or the DataError."""
+
+        def one(sample: Sample, keep: bool = keep) -> Image.Image | DataError | None:
+            try:
+                img = decode_image(sample)
+            except DataError as err:
+                return err
+            return img if keep else None
+
+        if not samples:
+            return
+        first = one(samples[0], keep=True)
+        yield first if keep or isinstance(first, DataError) else None
+        # PIL releases the GIL while decoding, so threads pay off for large images (1.5x on 2 cores at 640x480),
+        # but cost more than they save on thumbnails such as easy-vqa's; the first image tells which case this is.
+        big = isinstance(first, Image.Image) and first.width * first.height >= _PARALLEL_DECODE_MIN_PIXELS
+        workers = min(8, os.cpu_count() or 1)
+        rest = samples[1:]
+        if not big or len(rest) < _PARALLEL_DECODE_MIN or workers == 1:
+            yield from map(one, rest)
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            yield from pool.map(one, rest)
+
+    def _where(self, index: int, sample: Sample) -> str:
+        return sample.origin or (f"{self.source} sample {index}" if self.source else f"sample {index}")
+
+    def _reject(self, reason: str, skip_bad: bool) -> None:
+        if not skip_bad:
+            raise DataError(reason)
+        self.skipped += 1
+        self.skipped_reasons.append(reason)
+
+    def summary(self) -> str:
+        """One line for logs, e.g. ``"skipped 3 bad samples of 100 (first: ...)"``."""
+        name = f"{self.source}: " if self.source else ""
+        if not self.skipped:
+            return f"{name}{len(self)} samples, none skipped"
+        return f"{name}skipped {self.skipped} bad samples of {self.total} (first: {self.skipped_reasons[0]})"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = range(len(self.samples))[index]  # normalises negative indices and raises IndexError
+        sample = self.samples[index]
+        if self._images is not None:
+            image = self._images[index]
+        else:
+            try:
+                image = decode_image(sample)
+            except DataError as err:  # the file changed after the check at construction
+                raise DataError(f"{self._where(index, sample)}: {err}") from err
+        captions = {lang: sample.captions[lang] for lang in self.languages}
+        return {"index": index, "image": image, "captions": captions, "label": sample.label}
+
+    def __repr__(self) -> str:
+        return f"PairDataset({len(self)} samples, languages={self.languages}, source={self.source!r})"
+
+
+def _check_language_list(languages: Sequence[str] | None, source: str) -> list[str] | None:
+    if languages is None:
+        return None
+    if isinstance(languages, str):  # "en" would otherwise be read as ["e", "n"]
+        languages = [languages]
+    requested = list(languages)
+    if not requested or len(set(requested)) != len(requested) or not all(isinstance(x, str) for x in requested):
+        raise DataError(f"{source or 'dataset'}: languages must be distinct language tags, got {languages!r}")
+    return requested
+
+
+def collate_raw(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Batches :class:`PairDataset` items without touching the images (the model's processor does that).
+
+    Returns:
+        ``{"index": LongTensor[B], "images": list of PIL images, "captions": {lang: list of B str},
+        "labels": LongTensor[B], "groups": {lang: LongTensor[B]}}``, where ``groups[l][i] == groups[l][j]``
+        exactly when captions ``i`` and ``j`` of language ``l`` are the same string (ids 0..k-1 in order of first
+        appearance). The contrastive loss needs these to treat identical captions in a batch as matches.
+    """
+    if not batch:
+        raise ValueError("collate_raw got an empty batch")
+    languages = list(batch[0]["captions"])
+    for item in batch:
+        if list(item["captions"]) != languages:
+            raise ValueError(f"items in one batch have different languages: {languages} vs {list(item['captions'])}")
+    captions = {lang: [item["captions"][lang] for item in batch] for lang in languages}
+    return {
+        "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
+        "images": [item["image"] for item in batch],
+        "captions": captions,
+        "labels": torch.tensor([item["label"] for item in batch], dtype=torch.long),
+        "groups": {lang: caption_groups(texts) for lang, texts in captions.items()},
+    }
+
+
+def caption_groups(texts: Sequence[str]) -> torch.Tensor:
+    """Integer ids, equal exactly for equal strings, numbered 0..k-1 in order of first appearance."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(text, len(ids)) for text in texts], dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows -> samples, shared by the manifest and Hugging Face loaders.
+
+
+@dataclass
+class _Row:
+    """One caption of one image, as read from a file row or dataset row (or the problem with that row)."""
+
+    where: str
+    key: str | None = None  # the sample id; rows with the same key are parallel captions of one image
+    image: str = ""
+    data: bytes | Image.Image | None = None
+    caption: str = ""
+    lang: str = DEFAULT_LANG
+    label: int = -1
+    problem: str | None = None
+
+
+def _parse_label(value: Any) -> int:
+    """Reads an optional label cell: empty means -1; otherwise an integer >= -1 (CSV gives strings)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return -1
+    if isinstance(value, bool):
+        raise DataError(f"label {value!r} is not an integer")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise DataError(f"label {value!r} is not an integer") from None
+    if not isinstance(value, int) or value < -1:
+        raise DataError(f"label {value!r} is not a class index (an int >= 0, or -1 for none)")
+    return value
+
+
+def _text_cell(record: Mapping[str, Any], column: str, *, required: bool) -> str | None:
+    value = record.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise DataError(f"empty {column}" if value is not None else f"no {column}")
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and column == "id":
+        return str(value)  # numeric ids are common in JSONL
+    if not isinstance(value, str):
+        raise DataError(f"{column} is {type(value).__name__} {value!r}, not a string")
+    return value.strip()
+
+
+def _group_rows(rows: Iterable[_Row]) -> tuple[list[Sample], list[tuple[str, int]]]:
+    """Turns rows into samples: rows sharing a key are one sample with one caption per language.
+
+    If a (key, language) pair repeats, the k-th caption of each language goes to the k-th sample of that key. A key
+    with any bad row is dropped whole (a sample with half its captions would silently change the languages).
+
+    Returns:
+        The samples, and for each dropped unit its reason and how many samples it would have made.
+    """
+    groups: dict[str, list[_Row]] = {}
+    bad: list[tuple[str, int]] = []
+    for row in rows:
+        if row.key is None:  # the row is too broken to tell which sample it belongs to
+            bad.append((f"{row.where}: {row.problem}", 1))
+        else:
+            groups.setdefault(row.key, []).append(row)
+    samples: list[Sample] = []
+    for key, members in groups.items():
+        _check_group_agrees(key, members)
+        per_lang: dict[str, list[_Row]] = {}
+        for row in members:
+            per_lang.setdefault(row.lang, []).append(row)
+        n_samples = max(len(lang_rows) for lang_rows in per_lang.values())
+        broken = next((row for row in members if row.problem is not None), None)
+        if broken is not None:
+            extra = sum(row.problem is not None for row in members) - 1
+            more = f" (and {extra} more bad rows with id {key!r})" if extra else ""
+            bad.append((f"{broken.where}: {broken.problem}{more}", n_samples))
+            continue
+        for k in range(n_samples):
+            chosen = [lang_rows[k] for lang_rows in per_lang.values() if k < len(lang_rows)]
+            first = chosen[0]
+            captions = {row.lang: row.caption for row in chosen}
+            samples.append(Sample(first.image, captions, first.label, data=first.data, origin=_origin(chosen)))
+    return samples, bad
+
+
+def _origin(rows: list[_Row]) -> str:
+    """Names the rows of one sample: "f.jsonl row 3", or "f.jsonl rows 3, 4" for parallel captions on many rows."""
+    wheres = list(dict.fromkeys(row.where for row in rows))
+    if len(wheres) == 1:
+        return wheres[0]
+    source = wheres[0].rsplit(" row ", 1)[0]
+    return f"{source} rows {', '.join(where.rsplit(' row ', 1)[-1] for where in wheres)}"
+
+
+def _check_group_agrees(key: str, members: list[_Row]) -> None:
+    """Marks rows whose image or label contradicts the first good row with the same id."""
+    good = [row for row in members if row.problem is None]
+    if not good:
+        return
+    ref = good[0]
+    for row in good[1:]:
+        if row.image != ref.image:
+            row.problem = (
+                f"image {row.image!r} differs from image {ref.image!r} of {ref.where} with the same id {key!r}"
+            )
+        elif row.label != ref.label:
+            row.problem = f"label {row.label} differs from label {ref.label} of {ref.where} with the same id {key!r}"
+
+
+def _build_dataset(
+    rows: Iterable[_Row],
+    source: str,
+    languages: Sequence[str] | None,
+    skip_bad: bool,
+    preload: bool,
+) -> PairDataset:
+    samples, bad = _group_rows(rows)
+    if bad and not skip_bad:
+        raise DataError(bad[0][0])
+    if not samples:
+        first = f" (first: {bad[0][0]})" if bad else ""
+        raise DataError(f"{source}: no valid samples{first}")
+    dataset = PairDataset(samples, languages=languages, skip_bad=skip_bad, preload=preload, source=source)
+    # Rows dropped while grouping count as skipped too, ahead of those the dataset dropped itself.
+    dataset.skipped += sum(count for _, count in bad)
+    dataset.total += sum(count for _, count in bad)
+    dataset.skipped_reasons[:0] = [reason for reason, _ in bad]
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifests.
+
+
+def load_manifest(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    languages: Sequence[str] | None = None,
+    skip_bad: bool = False,
+    preload: bool = False,
+) -> PairDataset:
+    """Reads a JSONL or CSV manifest of image-caption pairs (format chosen by suffix: .jsonl/.ndjson, .csv, .tsv).
+
+    Columns: ``image`` (path; relative paths resolve against ``image_root``, or else the manifest's directory),
+    ``caption``, optional ``lang`` (default ``"en"``), optional ``id``, optional ``label`` (int). Rows sharing an
+    ``id`` (default: the image path) are one sample with one caption per language; if an (id, lang) pair repeats,
+    the k-th caption of each language goes to the k-th sample of that id. Rows are numbered as lines of the file,
+    from 1 (the CSV header is row 1).
+
+    Args:
+        path: the manifest.
+        image_root: directory that relative image paths are resolved against.
+        languages: languages every sample must have a caption in; None keeps those that every sample has.
+        skip_bad: drop bad samples and count them instead of raising.
+        preload: keep decoded images in memory.
+
+    Raises:
+        DataError: the file is missing or malformed, a required column is missing, or (without ``skip_bad``) a row
+            is bad; the message names the file, the row and the problem.
+    """
+    path = Path(path)
+    source = str(path)
+    fmt = _MANIFEST_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{source}: unknown manifest format {path.suffix!r}; use one of {', '.join(_MANIFEST_FORMATS)}")
+    if not path.is_file():
+        raise DataError(f"manifest {source!r} not found")
+    root = Path(image_root) if image_root is not None else path.parent
+    records, columns = _read_jsonl(path) if fmt == "jsonl" else _read_csv(path, "\t" if fmt == "tsv" else ",")
+    if not records:
+        raise DataError(f"{source}: manifest has no rows")
+    for column in _REQUIRED_COLUMNS:
+        if column not in columns:
+            found = ", ".join(repr(c) for c in columns) or "none"
+            raise DataError(f"{source}: missing required column {column!r}; columns found: {found}")
+    rows = (_manifest_row(record, f"{source} row {lineno}", root) for lineno, record in records)
+    return _build_dataset(rows, source, languages, skip_bad, preload)
+
+
+def _manifest_row(record: Mapping[str, Any] | str, where: str, root: Path) -> _Row:
+    if isinstance(record, str):  # a row the reader could not parse; the string says why
+        return _Row(where, problem=record)
+    row = _Row(where)
+    try:
+        key = _text_cell(record, "id", required=False)
+        row.key = key
+        image = _text_cell(record, "image", required=True)
+        row.image = os.path.abspath(root / Path(image).expanduser())
+        row.key = key if key is not None else row.image
+        row.lang = _text_cell(record, "lang", required=False) or DEFAULT_LANG
+        row.label = _parse_label(record.get("label"))
+        row.caption = _caption_cell(record, row.lang)
+    except DataError as err:
+        row.problem = str(err)
+    return row
+
+
+def _caption_cell(record: Mapping[str, Any], lang: str) -> str:
+    if record.get("caption") is None:
+        raise DataError(f"no caption for language {lang!r}")
+    caption = _text_cell(record, "caption", required=False)
+    if caption is None:
+        raise DataError(f"empty caption for language {lang!r}")
+    return caption
+
+
+def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict[str, Any] | str]], list[str]]:
+    """Returns (line number, record or problem) pairs and the keys seen, in order of first appearance."""
+    records: list[tuple[int, dict[str, Any] | str]] = []
+    columns: dict[str, None] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                records.append((lineno, f"invalid JSON ({err.msg} at column {err.colno})"))
+                continue
+            if not isinstance(record, dict):
+                records.append((lineno, f"expected a JSON object, got {type(record).__name__}"))
+                continue
+            columns.update(dict.fromkeys(record))
+            records.append((lineno, record))
+    return records, list(columns)
+
+
+def _read_csv(path: Path, delimiter: str) -> tuple[list[tuple[int, dict[str, Any] | str]], list[str]]:
+    """Returns (line number, record or problem) pairs and the header's columns."""
+    records: list[tuple[int, dict[str, Any] | str]] = []
+    # utf-8-sig: spreadsheet programs often write a byte-order mark that would otherwise stick to the first column.
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = columns
+        for record in reader:
+            lineno = reader.line_num  # the record's last line: the same as its first unless a quoted cell spans lines
+            if None in record:  # DictReader files surplus cells under the key None
+                records.append((lineno, f"{len(columns) + len(record[None])} cells but the header has {len(columns)}"))
+            elif any(value is not None and value.strip() for value in record.values()):  # skip blank lines
+                records.append((lineno, record))
+    return records, columns
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face datasets.
+
+
+def load_hf_dataset(
+    name_or_path: str | os.PathLike,
+    split: str | None = "train",
+    columns: Mapping[str, str | None] | None = None,
+    languages: Sequence[str] | None = None,
+    skip_bad: bool = False,
+    preload: bool = False,
+    image_root: str | os.PathLike | None = None,
+    **load_kwargs: Any,
+) -> PairDataset:
+    """Reads image-caption pairs from a Hugging Face dataset.
+
+    A directory holding a dataset saved with ``save_to_disk`` is opened with ``datasets.load_from_disk``; anything
+    else goes to ``datasets.load_dataset(name_or_path, split=split, **load_kwargs)``, e.g.
+    ``load_hf_dataset("json", data_files="train.jsonl")`` or ``load_hf_dataset("imagefolder", data_dir=...)``.
+
+    Column mapping keys: ``image``, ``caption``, ``lang``, ``label``, ``id``, or per-language caption columns
+    ``caption_<lang>`` (e.g. ``{"caption_en": "en_text", "caption_zh": "zh_text"}``) instead of ``caption``. Keys
+    left out are looked for under common names (image: image/img/image_path/file_name; caption:
+    caption/text/sentence; lang: lang/language; label; id); map a key to None to ignore a column. Rows are grouped
+    into samples as in :func:`load_manifest` (default id: the image path, or the row for in-memory images).
+
+    The image column may hold paths or images (the ``datasets.Image`` feature, or ``{"bytes", "path"}`` dicts).
+    Images stored in the dataset stay in memory as encoded bytes; such a sample's ``image`` is a name like
+    ``"train.jsonl:train[3]"``.
+
+    Args:
+        name_or_path: hub name, builder name ("json", "csv", "imagefolder", ...) or a saved dataset directory.
+        split: which split to read.
+        columns: key -> column name mapping, see above.
+        languages: languages every sample must have a caption in.
+        skip_bad: drop bad samples and count them instead of raising.
+        preload: keep decoded images in memory.
+        image_root: directory that relative image paths are resolved against; default: the directory of
+            ``data_files`` when it is one local file, else the saved dataset's directory, else the working directory.
+        **load_kwargs: passed to ``datasets.load_dataset``.
+
+    Raises:
+        DataError: a mapped column is missing (the message lists the available columns), the split does not exist,
+            or (without ``skip_bad``) a row is bad.
+    """
+    dataset = _open_hf(name_or_path, split, load_kwargs)
+    source = _hf_source(name_or_path, split, load_kwargs)
+    mapping = _resolve_columns(dataset.column_names, columns, source)
+    dataset = _undecoded_images(dataset, mapping["image"])
+    root = Path(image_root) if image_root is not None else _hf_image_root(name_or_path, load_kwargs)
+    table = dataset.select_columns(sorted(set(mapping.values()))).to_dict()
+    rows = _hf_rows(table, mapping, source, root)
+    return _build_dataset(rows, source, languages, skip_bad, preload)
+
+
+def _open_hf(name_or_path: str | os.PathLike, split: str | None, load_kwargs: dict[str, Any]) -> Any:
+    import datasets  # imported here: it takes about a second and manifests do not need it
+
+    path = Path(name_or_path)
+    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+    if path.is_dir() and any((path / marker).is_file() for marker in markers):
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise DataError(f"{path}: no split {split!r}; splits: {', '.join(dataset)}")
+            dataset = dataset[split]
+    else:
+        dataset = datasets.load_dataset(str(name_or_path), split=split, **load_kwargs)
+    if isinstance(dataset, datasets.DatasetDict):
+        raise DataError(f"{name_or_path}: pass split=, one of {', '.join(dataset)}")
+    if not isinstance(dataset, datasets.Dataset):
+        raise DataError(f"{name_or_path}: only map-style datasets are supported, got {type(dataset).__name__}")
+    return dataset
+
+
+def _hf_source(name_or_path: str | os.PathLike, split: str | None, load_kwargs: Mapping[str, Any]) -> str:
+    """A short name for messages: the data file for builder-style loads, else the dataset name."""
+    data_files = load_kwargs.get("data_files")
+    name = Path(data_files).name if isinstance(data_files, str | os.PathLike) else str(name_or_path)
+    return f"{name}:{split}" if split else name
+
+
+def _hf_image_root(name_or_path: str | os.PathLike, load_kwargs: Mapping[str, Any]) -> Path:
+    data_files = load_kwargs.get("data_files")
+    if isinstance(data_files, str | os.PathLike) and Path(data_files).is_file():
+        return Path(data_files).parent
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    return Path.cwd()
+
+
+def _resolve_columns(available: list[str], columns: Mapping[str, str | None] | None, source: str) -> dict[str, str]:
+    """Maps our keys to the dataset's columns, checking that every mapped column exists."""
+    columns = dict(columns or {})
+    allowed = [*_HF_DEFAULT_COLUMNS, "caption_<lang>"]
+    for key in columns:
+        if key not in _HF_DEFAULT_COLUMNS and not (key.startswith("caption_") and len(key) > len("caption_")):
+            raise DataError(f"{source}: unknown column key {key!r}; allowed keys: {', '.join(allowed)}")
+    per_lang = {key: col for key, col in columns.items() if key.startswith("caption_") and col is not None}
+    if per_lang and (columns.get("caption") or columns.get("lang")):
+        raise DataError(
+            f"{source}: map either 'caption' (with an optional 'lang') or 'caption_<lang>' columns, not both"
+        )
+    mapping: dict[str, str] = {}
+    for key, col in columns.items():
+        if col is None:
+            continue
+        if col not in available:
+            raise DataError(f"{source}: column {col!r} (mapped as {key!r}) not found; available columns: {available}")
+        mapping[key] = col
+    skip = {key for key, col in columns.items() if col is None} | ({"caption", "lang"} if per_lang else set())
+    for key, candidates in _HF_DEFAULT_COLUMNS.items():
+        if key in mapping or key in skip:
+            continue
+        found = next((c for c in candidates if c in available), None)
+        if found is not None:
+            mapping[key] = found
+        elif key in _REQUIRED_COLUMNS:
+            raise DataError(
+                f"{source}: no {key} column (looked for {', '.join(candidates)}); available columns: {available}; "
+                f"map one with columns={{{key!r}: ...}}"
+            )
+    return mapping
+
+
+def _undecoded_images(dataset: Any, column: str) -> Any:
+    """Switches an Image feature to encoded bytes: cheaper to read, and lets PairDataset check the decoding."""
+    import datasets
+
+    if isinstance(dataset.features.get(column), datasets.Image):
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+def _hf_rows(table: Mapping[str, list[Any]], mapping: Mapping[str, str], source: str, root: Path) -> Iterator[_Row]:
+    per_lang = {key.removeprefix("caption_"): col for key, col in mapping.items() if key.startswith("caption_")}
+    n_rows = len(table[mapping["image"]])
+    for i in range(n_rows):
+        record = {key: table[col][i] for key, col in mapping.items()}
+        where = f"{source} row {i}"
+        if per_lang:
+            for lang, col in per_lang.items():
+                yield _hf_row({**record, "lang": lang, "caption": table[col][i]}, where, f"{source}[{i}]", root)
+        else:
+            yield _hf_row(record, where, f"{source}[{i}]", root)
+
+
+def _hf_row(record: Mapping[str, Any], where: str, name: str, root: Path) -> _Row:
+    row = _Row(where)
+    try:
+        key = record.get("id")
+        row.key = None if key is None or key == "" else str(key)
+        row.image, row.data = _hf_image(record.get("image"), name, root)
+        if row.key is None:
+            row.key = row.image if row.data is None else f"row:{name}"
+        row.lang = _text_cell(record, "lang", required=False) or DEFAULT_LANG
+        row.label = _parse_label(record.get("label"))
+        row.caption = _caption_cell(record, row.lang)
+    except DataError as err:
+        row.problem = str(err)
+    return row
+
+
+def _hf_image(value: Any, name: str, root: Path) -> tuple[str, bytes | Image.Image | None]:
+    """Returns (path or name, in-memory image or None) for a cell of the image column."""
+    if isinstance(value, Image.Image):
+        return name, value
+    if isinstance(value, Mapping):
+        if value.get("bytes"):
+            return name, value["bytes"]
+        value = value.get("path")
+    if isinstance(value, str | os.PathLike) and str(value).strip():
+        return os.path.abspath(root / Path(value).expanduser()), None
+    raise DataError(f"no image (got {type(value).__name__} {value!r:.60})")

@@ -1,0 +1,220 @@
+"""Adapters over Hugging Face dual encoders: one interface for teachers and students.
+
+Every tower answers ``encode_image(pixel_values)`` / ``encode_text(input_ids, attention_mask)`` and can return
+token features. Each :class:`DualEncoder` owns its processor (tokenizer + image processor), so a teacher and a
+student never share preprocessing by accident: image size, mean/std and vocabulary may all differ.
+
+Supported families: ``CLIPModel``, ``ChineseCLIPModel``, ``AltCLIPModel``, ``SiglipModel`` and
+``VisionTextDualEncoderModel`` (any HF vision model + any HF text model).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel
+
+from .outputs import ModelDims
+from .registry import Registry
+
+# model_type -> what the adapter needs to know about that family.
+FAMILIES = Registry("model family")
+for _model_type in ("clip", "chinese_clip", "altclip", "siglip", "vision-text-dual-encoder"):
+    FAMILIES.register(_model_type)(_model_type)
+
+
+class DualEncoder(nn.Module):
+    """A Hugging Face CLIP-family model together with its own tokenizer and image processor.
+
+    Args:
+        model: a loaded HF dual encoder of a supported family.
+        tokenizer: its tokenizer.
+        image_processor: its image processor (resizing, cropping, normalisation).
+        max_length: text truncation length; defaults to the text tower's position-embedding count.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer, image_processor, max_length: int | None = None):
+        super().__init__()
+        if model.config.model_type not in FAMILIES:
+            raise ValueError(
+                f"model type {model.config.model_type!r} is not a supported dual encoder; "
+                f"supported: {', '.join(FAMILIES.names())}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        text_cfg = getattr(model.config, "text_config", None)
+        limit = getattr(text_cfg, "max_position_embeddings", None) or 77
+        if model.config.model_type == "altclip":  # XLM-R style positions start after the padding index
+            limit -= 2
+        self.max_length = min(max_length or limit, limit)
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> DualEncoder:
+        """Load a model, its tokenizer and its image processor from a hub id or a local directory."""
+        kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+        path = str(name_or_path)
+        if not Path(path).exists() and Path(path).anchor:  # absolute path that does not exist: say so plainly
+            raise FileNotFoundError(f"model directory {path!r} does not exist")
+        model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        return cls(model, tokenizer, image_processor)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save model (safetensors), tokenizer and image processor so ``transformers`` alone can load them."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+
+    # ------------------------------------------------------------------------------------------- properties
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dims(self) -> ModelDims:
+        cfg = self.model.config
+        if self.model_type == "vision-text-dual-encoder":
+            embed = cfg.projection_dim
+        elif self.model_type == "siglip":  # no projection: the pooled head output has the tower's width
+            embed = cfg.vision_config.hidden_size
+        else:
+            embed = cfg.projection_dim
+        text_width = cfg.text_config.hidden_size
+        if self.model_type == "altclip":  # AltCLIP's text tokens come out projected
+            text_width = cfg.text_config.project_dim
+        return ModelDims(embed=embed, image_width=cfg.vision_config.hidden_size, text_width=text_width)
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    def logit_scale(self) -> Tensor | None:
+        """The model's contrastive scale ``exp(log_s)``, if it has one."""
+        log_s = getattr(self.model, "logit_scale", None)
+        return None if log_s is None else log_s.exp().detach()
+
+    def num_parameters(self) -> int:
+        """Parameters of both towers and their projections (what is exported)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    # ------------------------------------------------------------------------------------------ preprocessing
+    def preprocess_images(self, images: Sequence[Image.Image]) -> Tensor:
+        """Raw PIL images -> ``pixel_values`` with this model's own size and normalisation."""
+        if len(images) == 0:
+            raise ValueError("preprocess_images got an empty list of images")
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Raw strings -> ``input_ids`` and ``attention_mask`` with this model's own tokenizer."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"text {i} is empty or not a string: {text!r}")
+        # SigLIP was trained with max-length padding; its pooled text token is the last position.
+        padding = "max_length" if self.model_type == "siglip" else True
+        enc = self.tokenizer(
+            list(texts), padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        mask = enc.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(enc["input_ids"])
+        return {"input_ids": enc["input_ids"], "attention_mask": mask}
+
+    # --------------------------------------------------------------------------------------------- encoding
+    def encode_image(self, pixel_values: Tensor, return_tokens: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Pooled, projected image embedding ``[B, d]`` (not normalised), and token features ``[B, n, h]``."""
+        out = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self._dtype()))
+        return (out.pooler_output, out.last_hidden_state) if return_tokens else out.pooler_output
+
+    def encode_text(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, return_tokens: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Pooled, projected text embedding ``[B, d]`` (not normalised), and token features ``[B, L, h]``."""
+        kwargs = {"input_ids": input_ids.to(self.device)}
+        if attention_mask is not None and self.model_type != "siglip":
+            kwargs["attention_mask"] = attention_mask.to(self.device)
+        out = self.model.get_text_features(**kwargs)
+        return (out.pooler_output, out.last_hidden_state) if return_tokens else out.pooler_output
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ------------------------------------------------------------- raw-input encoder (evaluation protocol)
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image]) -> Tensor:
+        """Raw images -> L2-normalised embeddings, for evaluation."""
+        return nn.functional.normalize(self.encode_image(self.preprocess_images(images)).float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> Tensor:
+        """Raw texts -> L2-normalised embeddings, for evaluation."""
+        enc = self.tokenize(texts)
+        return nn.functional.normalize(self.encode_text(**enc).float(), dim=-1).cpu()
+
+
+class Teacher(DualEncoder):
+    """A frozen dual encoder: no parameter requires grad, always in eval mode, encodes without autograd.
+
+    ``train()`` is overridden so that putting a parent module in train mode (as trainers do) leaves the
+    teacher in eval mode: dropout and batch-norm statistics of a teacher must never change.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer,
+        image_processor,
+        max_length: int | None = None,
+        languages: Sequence[str] = ("en",),
+    ):
+        super().__init__(model, tokenizer, image_processor, max_length)
+        self.languages = list(languages)  # caption languages its text tower understands
+        self.model.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Teacher:
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode_image(self, pixel_values: Tensor, return_tokens: bool = False):
+        return super().encode_image(pixel_values, return_tokens)
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None, return_tokens: bool = False):
+        return super().encode_text(input_ids, attention_mask, return_tokens)
+
+
+def load_teacher(
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+    languages: Sequence[str] = ("en",),
+) -> Teacher:
+    """Load a frozen teacher (model + its own processor) from a hub id or a local directory."""
+    encoder = DualEncoder.from_pretrained(name_or_path, revision, trust_remote_code, dtype)
+    return as_teacher(encoder, languages)
+
+
+def as_teacher(encoder: DualEncoder, languages: Sequence[str] = ("en",)) -> Teacher:
+    """Freeze an already-loaded dual encoder (e.g. a freshly trained reference teacher)."""
+    return Teacher(encoder.model, encoder.tokenizer, encoder.image_processor, encoder.max_length, languages)

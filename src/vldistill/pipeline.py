@@ -1,0 +1,172 @@
+"""Whole runs built from the library and the trainer: ``fit`` a recipe, ``eval`` a saved model.
+
+Sits on top of the library (the CLI and the quickstart call it); nothing in the library imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, DataConfig, RecipeConfig
+from .data.sources import LabelledData, load_data
+from .evaluation import agreement, evaluate, mean_cosine
+from .models import DualEncoder, Teacher, load_teacher
+from .trainer import FitResult, Trainer, prepare_student, prepare_teachers
+
+
+def load_train_data(cfg: DataConfig, seed: int = 0) -> LabelledData:
+    return load_data(
+        cfg.train,
+        split=cfg.train_split,
+        languages=cfg.languages,
+        limit=cfg.limit_train,
+        image_root=cfg.image_root,
+        columns=cfg.columns,
+        skip_bad=cfg.skip_bad,
+        classnames=cfg.classnames,
+        templates=cfg.templates,
+    )
+
+
+def load_eval_data(cfg: DataConfig, languages: Sequence[str] | None = None) -> LabelledData | None:
+    if not cfg.eval:
+        return None
+    return load_data(
+        cfg.eval,
+        split=cfg.eval_split,
+        languages=languages or cfg.languages,
+        limit=cfg.limit_eval,
+        image_root=cfg.image_root,
+        columns=cfg.columns,
+        skip_bad=cfg.skip_bad,
+        classnames=cfg.classnames,
+        templates=cfg.templates,
+    )
+
+
+def tokenizer_corpus(data: LabelledData, languages: Sequence[str]) -> list[str]:
+    """Captions, class names and templates: the text a trained tokenizer must cover."""
+    corpus = [s.captions[lang] for s in data.dataset.samples for lang in languages if lang in s.captions]
+    for lang in languages:
+        corpus += data.classnames.get(lang, []) + [t.replace("{}", "") for t in data.templates.get(lang, [])]
+    return corpus
+
+
+def fit_recipe(
+    cfg: RecipeConfig,
+    resume: bool = False,
+    teachers: Sequence[Teacher] | None = None,
+    student: DualEncoder | None = None,
+    train_data: LabelledData | None = None,
+    eval_data: LabelledData | None = None,
+    evaluate_after: bool = True,
+) -> dict[str, Any]:
+    """Train a recipe end to end: data, teachers, student, stages, export, evaluation.
+
+    Returns a JSON-able summary: output paths, wall time, the last logged losses and the evaluation metrics.
+    The student is exported to ``OUTPUT_DIR/student`` in Hugging Face format.
+    """
+    train_data = train_data or load_train_data(cfg.data, cfg.train.seed)
+    teachers = prepare_teachers(cfg, teachers)
+    if student is None:
+        corpus = tokenizer_corpus(train_data, cfg.data.languages)
+        if resume and (Path(cfg.train.output_dir) / "student-init").is_dir():
+            student = DualEncoder.from_pretrained(Path(cfg.train.output_dir) / "student-init")
+        else:
+            student = prepare_student(cfg, corpus)
+    init_dir = Path(cfg.train.output_dir) / "student-init"
+    if not init_dir.is_dir():  # the initial student (and its trained tokenizer), so a resumed run rebuilds it exactly
+        student.save_pretrained(init_dir)
+    result = Trainer(cfg, student, train_data.dataset, teachers).fit(resume=resume)
+    export_dir = result.output_dir / "student"
+    student.save_pretrained(export_dir)
+    summary: dict[str, Any] = {
+        "output_dir": str(result.output_dir),
+        "student_dir": str(export_dir),
+        "wall_seconds": round(result.wall_seconds, 2),
+        "final": result.history[-1] if result.history else {},
+    }
+    skipped = getattr(train_data.dataset, "skipped", 0)
+    if skipped:
+        summary["skipped_rows"] = skipped
+        print(train_data.dataset.summary(), flush=True)
+    if evaluate_after and cfg.data.eval:
+        eval_data = eval_data or load_eval_data(cfg.data, cfg.eval.languages)
+        summary["eval"] = compare(student, teachers[0] if teachers else None, eval_data, cfg.eval.languages)
+        (result.output_dir / "eval.json").write_text(json.dumps(summary["eval"], indent=2, ensure_ascii=False))
+    return summary
+
+
+def compare(
+    student: DualEncoder, teacher: DualEncoder | None, data: LabelledData, languages: Sequence[str]
+) -> dict[str, Any]:
+    """Evaluate a student (and its teacher) and report teacher-student agreement."""
+    eval_set = data.eval_set(languages)
+    out = evaluate(student, eval_set)
+    metrics: dict[str, Any] = {"student": out["metrics"]}
+    if teacher is not None:
+        teacher_langs = [lang for lang in eval_set.languages if lang in _teacher_languages(teacher)]
+        t_out = evaluate(teacher, eval_set, teacher_langs or None)
+        metrics["teacher"] = t_out["metrics"]
+        metrics["agreement"] = {
+            lang: agreement(out["predictions"][lang], t_out["predictions"][lang])
+            for lang in t_out["predictions"]
+            if lang in out["predictions"]
+        }
+    return metrics
+
+
+def _teacher_languages(teacher: DualEncoder) -> list[str]:
+    return getattr(teacher, "languages", ["en"])
+
+
+def evaluate_model(
+    model: str | Path,
+    data: DataConfig,
+    languages: Sequence[str] | None = None,
+    teacher: str | None = None,
+) -> dict[str, Any]:
+    """``vldistill eval``: zero-shot classification and retrieval of a saved dual encoder."""
+    encoder = DualEncoder.from_pretrained(model)
+    eval_data = load_eval_data(data, languages)
+    if eval_data is None:
+        raise ConfigError("nothing to evaluate: give --data")
+    eval_set = eval_data.eval_set(languages)
+    out = evaluate(encoder, eval_set)
+    result: dict[str, Any] = {"model": str(model), "params": encoder.num_parameters(), **out["metrics"]}
+    if teacher:
+        t_out = evaluate(load_teacher(teacher), eval_set, ["en"])
+        result["agreement"] = {"en": agreement(out["predictions"]["en"], t_out["predictions"]["en"])}
+    return result
+
+
+@torch.no_grad()
+def image_ms_per_image(model: DualEncoder, images: Sequence, batch_size: int = 64, repeats: int = 10) -> float:
+    """Milliseconds per image of the image tower alone (preprocessing excluded), batches of ``batch_size``,
+    after warm-up, on this machine."""
+    pixel_values = model.preprocess_images(list(images)[:batch_size])
+    model.eval()
+    for _ in range(3):
+        model.encode_image(pixel_values)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model.encode_image(pixel_values)
+    return (time.perf_counter() - start) * 1000 / (repeats * len(pixel_values))
+
+
+@torch.no_grad()
+def adapted_cosine(student: DualEncoder, teacher: DualEncoder, fit_images: Sequence, test_images: Sequence) -> float:
+    """Mean cosine between teacher image embeddings and the student's mapped into the teacher's space by the
+    least-squares linear adapter fitted on ``fit_images`` (the widths usually differ)."""
+    xs, xt = student.embed_images(list(fit_images)), teacher.embed_images(list(fit_images))
+    adapter = torch.linalg.lstsq(xs, xt).solution
+    return mean_cosine(student.embed_images(list(test_images)) @ adapter, teacher.embed_images(list(test_images)))
+
+
+__all__ = ["FitResult", "adapted_cosine", "compare", "evaluate_model", "fit_recipe", "image_ms_per_image"]

@@ -1,0 +1,232 @@
+"""Student presets: Hugging Face dual encoders built from named configs or from pretrained parts.
+
+A preset is one decorated function that returns a :class:`~vldistill.models.DualEncoder`::
+
+    @STUDENTS.register("my-student")
+    def my_student(tokenizer=None, **overrides) -> DualEncoder: ...
+
+Presets built from a config need a tokenizer (any HF tokenizer; the quickstart trains a small English + Chinese
+one). Tiny ``test-*`` presets keep the test suite fast. Sizes are in each preset's docstring.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    BertConfig,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+    ViTConfig,
+)
+
+from .models import DualEncoder
+from .registry import Registry
+
+STUDENTS = Registry("student")
+
+# Students normalise images their own way (ViT/Inception style), deliberately not the teacher's CLIP statistics.
+STUDENT_MEAN = [0.5, 0.5, 0.5]
+STUDENT_STD = [0.5, 0.5, 0.5]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def image_processor_for(size: int, mean=STUDENT_MEAN, std=STUDENT_STD) -> CLIPImageProcessor:
+    """Resize the short side to ``size``, centre-crop to ``size`` x ``size``, rescale and normalise."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(mean),
+        image_std=list(std),
+        do_convert_rgb=True,
+    )
+
+
+def _require_tokenizer(tokenizer, preset: str):
+    if tokenizer is None:
+        raise ValueError(
+            f"student preset {preset!r} is built from a config and needs a tokenizer "
+            "(student.tokenizer: a hub id or directory, or let the quickstart train one)"
+        )
+    if isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return tokenizer
+
+
+def _special_ids(tokenizer) -> dict[str, int]:
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
+    ids["eos_token_id"] = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if ids["eos_token_id"] == 2:  # see tokenization.SPECIAL_TOKENS: id 2 switches CLIP to legacy pooling
+        raise ValueError("CLIP students need an eos_token_id other than 2; use vldistill.tokenization.train_wordpiece")
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def _split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """``vision.hidden_size=...`` / ``text.num_hidden_layers=...`` / top-level keys, from a flat or nested dict."""
+    vision, text, top = {}, {}, {}
+    for key, value in overrides.items():
+        if key in ("vision", "text") and isinstance(value, dict):
+            (vision if key == "vision" else text).update(value)
+        elif key.startswith("vision."):
+            vision[key.removeprefix("vision.")] = value
+        elif key.startswith("text."):
+            text[key.removeprefix("text.")] = value
+        else:
+            top[key] = value
+    return vision, text, top
+
+
+def clip_from_config(
+    tokenizer,
+    vision: dict[str, Any],
+    text: dict[str, Any],
+    projection_dim: int,
+    preset: str,
+    image_mean=STUDENT_MEAN,
+    image_std=STUDENT_STD,
+    **overrides: Any,
+) -> DualEncoder:
+    """Build a randomly initialised ``CLIPModel`` of the given tower sizes with its own image processor."""
+    tokenizer = _require_tokenizer(tokenizer, preset)
+    v_over, t_over, top = _split_overrides(overrides)
+    vision = {**vision, **v_over}
+    text = {**text, "vocab_size": len(tokenizer), **_special_ids(tokenizer), **t_over}
+    text.setdefault("max_position_embeddings", min(getattr(tokenizer, "model_max_length", 77), 77))
+    config = CLIPConfig(
+        vision_config=vision, text_config=text, projection_dim=top.pop("projection_dim", projection_dim), **top
+    )
+    model = CLIPModel(config)
+    return DualEncoder(model, tokenizer, image_processor_for(vision["image_size"], image_mean, image_std))
+
+
+def _tower(hidden: int, layers: int, heads: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "hidden_act": "gelu",
+        **extra,
+    }
+
+
+@STUDENTS.register("clip-tiny")
+def clip_tiny(tokenizer=None, **overrides: Any) -> DualEncoder:
+    """The quickstart student: ViT 32px/8 width 96 x 2 layers; text width 96 x 2 layers; 64-d embeddings."""
+    return clip_from_config(
+        tokenizer,
+        vision=_tower(96, 2, 4, image_size=32, patch_size=8),
+        text=_tower(96, 2, 4),
+        projection_dim=64,
+        preset="clip-tiny",
+        **overrides,
+    )
+
+
+@STUDENTS.register("clip-ref-teacher")
+def clip_ref_teacher(tokenizer=None, **overrides: Any) -> DualEncoder:
+    """The quickstart's reference teacher: ViT 64px/16 width 256 x 4; text width 256 x 4; 128-d; CLIP mean/std."""
+    return clip_from_config(
+        tokenizer,
+        vision=_tower(256, 4, 4, image_size=64, patch_size=16),
+        text=_tower(256, 4, 4),
+        projection_dim=128,
+        preset="clip-ref-teacher",
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        **overrides,
+    )
+
+
+@STUDENTS.register("clip-s16")
+def clip_s16(tokenizer=None, **overrides: Any) -> DualEncoder:
+    """A ViT-S/16-sized CLIP student for real teachers: 224px/16 width 384 x 12; text width 384 x 6; 512-d."""
+    return clip_from_config(
+        tokenizer,
+        vision=_tower(384, 12, 6, image_size=224, patch_size=16),
+        text=_tower(384, 6, 6),
+        projection_dim=512,
+        preset="clip-s16",
+        **overrides,
+    )
+
+
+@STUDENTS.register("test-clip")
+def test_clip(tokenizer=None, **overrides: Any) -> DualEncoder:
+    """Tiny CLIP for tests: 32px/16 width 32 x 1; text width 32 x 1; 16-d."""
+    return clip_from_config(
+        tokenizer,
+        vision=_tower(32, 1, 2, image_size=32, patch_size=16),
+        text=_tower(32, 1, 2),
+        projection_dim=16,
+        preset="test-clip",
+        **overrides,
+    )
+
+
+def vtde_from_configs(
+    tokenizer, vision: dict, text: dict, projection_dim: int, preset: str, **overrides
+) -> DualEncoder:
+    """``VisionTextDualEncoderModel`` from a ViT config and a BERT config (random initialisation)."""
+    tokenizer = _require_tokenizer(tokenizer, preset)
+    v_over, t_over, top = _split_overrides(overrides)
+    vision_cfg = ViTConfig(**{**vision, **v_over})
+    text_cfg = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0, **{**text, **t_over})
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision_cfg, text_cfg, projection_dim=top.pop("projection_dim", projection_dim), **top
+    )
+    model = VisionTextDualEncoderModel(config=config)
+    return DualEncoder(model, tokenizer, image_processor_for(vision_cfg.image_size))
+
+
+@STUDENTS.register("vtde-tiny")
+def vtde_tiny(tokenizer=None, **overrides: Any) -> DualEncoder:
+    """VisionTextDualEncoder of a ViT (32px/8, width 96 x 2) and a BERT (width 96 x 2); 64-d embeddings."""
+    return vtde_from_configs(
+        tokenizer, _tower(96, 2, 4, image_size=32, patch_size=8), _tower(96, 2, 4), 64, "vtde-tiny", **overrides
+    )
+
+
+@STUDENTS.register("test-vtde")
+def test_vtde(tokenizer=None, **overrides: Any) -> DualEncoder:
+    """Tiny VisionTextDualEncoder for tests: ViT 32px/16 width 32 x 1, BERT width 32 x 1, 16-d."""
+    return vtde_from_configs(
+        tokenizer, _tower(32, 1, 2, image_size=32, patch_size=16), _tower(32, 1, 2), 16, "test-vtde", **overrides
+    )
+
+
+@STUDENTS.register("vtde")
+def vtde_from_parts(tokenizer=None, vision: str | None = None, text: str | None = None, **overrides) -> DualEncoder:
+    """VisionTextDualEncoder from any pretrained HF vision model and any pretrained HF text model (hub ids or dirs).
+
+    The tokenizer comes from ``text`` (unless given) and the image processor from ``vision``.
+    """
+    if not vision or not text:
+        raise ValueError("student preset 'vtde' needs both student.vision and student.text (hub ids or directories)")
+    projection_dim = overrides.pop("projection_dim", 512)
+    if overrides:
+        raise ValueError(f"student preset 'vtde' got unknown options {sorted(overrides)}; allowed: projection_dim")
+    model = VisionTextDualEncoderModel.from_vision_text_pretrained(vision, text, projection_dim=projection_dim)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer or text)
+    return DualEncoder(model, tokenizer, AutoImageProcessor.from_pretrained(vision))
+
+
+@STUDENTS.register("pretrained")
+def pretrained_student(tokenizer=None, name_or_path: str | None = None, **overrides) -> DualEncoder:
+    """An existing HF dual encoder (any supported family) trained further as the student."""
+    if not name_or_path:
+        raise ValueError("student preset 'pretrained' needs student.name_or_path (a hub id or a directory)")
+    if overrides:
+        raise ValueError(f"student preset 'pretrained' takes no overrides; got {sorted(overrides)}")
+    return DualEncoder.from_pretrained(name_or_path)
+
+
+def build_student(preset: str, tokenizer=None, **options: Any) -> DualEncoder:
+    """Build a registered student preset; unknown presets fail with the list of registered ones."""
+    return STUDENTS.get(preset)(tokenizer=tokenizer, **options)

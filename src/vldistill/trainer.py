@@ -1,0 +1,523 @@
+"""The training program: recipes run on Hugging Face Accelerate.
+
+One process here; the same code runs unchanged under ``accelerate launch`` (each process takes its shard of every
+batch, gradients are synchronised by DDP through :class:`DistillModule`'s ``forward``).
+
+Per stage: a fresh AdamW over the trainable student towers and the loss modules' own parameters (adapters,
+logit scales), linear warm-up then cosine decay. Checkpoints are written atomically (to a temporary directory,
+then renamed) every ``train.checkpoint_every`` steps and at the end of every stage; ``resume=True`` continues
+from the last one and reaches the same weights as an uninterrupted run (data order is a pure function of the
+seed, stage and step; the RNG state travels in the checkpoint).
+
+This module sits on top of the library: nothing in ``vldistill`` imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import ConfigError, RecipeConfig, StageConfig, to_dict
+from .losses import WeightedLoss, build_loss
+from .models import DualEncoder, Teacher, load_teacher
+from .outputs import Dims, Embeddings, StepOutputs
+from .students import build_student
+
+TOWER_PREFIXES = {"image": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------- preprocessing
+class Collator:
+    """Turns raw samples into each model's own inputs: the student and every teacher preprocess separately.
+
+    Picklable (it holds processors, not models), so it runs inside DataLoader workers.
+    """
+
+    def __init__(
+        self, student: DualEncoder, teachers: Sequence[DualEncoder], languages: Sequence[str], teacher_languages
+    ):
+        self.student = _Processor(student)
+        self.teachers = [_Processor(t) for t in teachers]
+        self.languages = list(languages)
+        self.teacher_languages = [list(langs) for langs in teacher_languages]
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        images = [s["image"] for s in samples]
+        captions = {lang: [s["captions"][lang] for s in samples] for lang in self.languages}
+        batch = {
+            "index": torch.tensor([s["index"] for s in samples]),
+            "labels": torch.tensor([s.get("label", -1) for s in samples]),
+            "groups": {lang: _groups(texts) for lang, texts in captions.items()},
+            "student": self.student(images, captions, self.languages),
+            "teachers": [
+                proc(images, captions, langs) for proc, langs in zip(self.teachers, self.teacher_languages, strict=True)
+            ],
+        }
+        return batch
+
+
+class _Processor:
+    def __init__(self, model: DualEncoder):
+        self.image_processor, self.tokenizer = model.image_processor, model.tokenizer
+        self.model_type, self.max_length = model.model_type, model.max_length
+
+    def __call__(self, images, captions: dict[str, list[str]], languages) -> dict[str, Any]:
+        padding = "max_length" if self.model_type == "siglip" else True
+        text = {}
+        for lang in languages:
+            enc = self.tokenizer(
+                captions[lang], padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
+            text[lang] = {"input_ids": enc["input_ids"], "attention_mask": mask}
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "text": text}
+
+
+def _groups(texts: list[str]) -> Tensor:
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(t, len(ids)) for t in texts])
+
+
+class StageSampler:
+    """Yields the micro-batches of one stage, starting at any micro-batch: data order depends only on
+    (seed, stage, epoch), so a resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, stage: int, total: int, start: int = 0):
+        if n < batch_size:
+            raise ValueError(f"the training set has {n} samples, fewer than train.batch_size = {batch_size}")
+        self.n, self.batch_size, self.seed, self.stage = n, batch_size, seed, stage
+        self.total, self.start = total, start
+        self.per_epoch = n // batch_size
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, perm = -1, None
+        for m in range(self.start, self.total):
+            if m // self.per_epoch != epoch:
+                epoch = m // self.per_epoch
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stage * 10_007 + epoch)
+                perm = torch.randperm(self.n, generator=g).tolist()
+            i = (m % self.per_epoch) * self.batch_size
+            yield perm[i : i + self.batch_size]
+
+
+# ------------------------------------------------------------------------------------------ teacher sources
+class TeacherSource(Protocol):
+    """Where teacher outputs come from. The trainer reaches teachers only through this interface."""
+
+    def __call__(self, batch: dict[str, Any], needs: frozenset[str]) -> list[Embeddings]: ...
+
+
+class LiveTeachers:
+    """Runs each frozen teacher on its own preprocessed inputs."""
+
+    def __init__(self, teachers: Sequence[Teacher]):
+        self.teachers = list(teachers)
+
+    def __call__(self, batch: dict[str, Any], needs: frozenset[str]) -> list[Embeddings]:
+        return [encode_batch(t, inputs, needs) for t, inputs in zip(self.teachers, batch["teachers"], strict=True)]
+
+
+def encode_batch(model: DualEncoder, inputs: dict[str, Any], needs: frozenset[str]) -> Embeddings:
+    """Run one model on its preprocessed batch inputs and collect what the losses need."""
+    out = Embeddings(logit_scale=model.logit_scale())
+    image = model.encode_image(inputs["pixel_values"], return_tokens="image_tokens" in needs)
+    out.image, out.image_tokens = image if isinstance(image, tuple) else (image, None)
+    for lang, enc in inputs["text"].items():
+        text = model.encode_text(enc["input_ids"], enc["attention_mask"], return_tokens="text_tokens" in needs)
+        if isinstance(text, tuple):
+            out.text[lang], out.text_tokens[lang] = text
+            out.text_mask[lang] = enc["attention_mask"].to(text[1].device)
+        else:
+            out.text[lang] = text
+    return out
+
+
+class DistillModule(nn.Module):
+    """Student + this stage's losses: the one module Accelerate prepares (DDP syncs through ``forward``).
+
+    Teachers are not submodules: they are frozen, never saved with the run, and may be a cache.
+    """
+
+    def __init__(self, student: DualEncoder, loss: WeightedLoss, teachers: TeacherSource | None):
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        self._teachers = teachers
+
+    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        needs = self.loss.needs
+        student = encode_batch(self.student, batch["student"], needs)
+        teachers = self._teachers(batch, needs) if ("teacher" in needs and self._teachers) else []
+        groups = {lang: g.to(student.image.device) for lang, g in batch["groups"].items()}
+        return self.loss(StepOutputs(student=student, teachers=teachers, groups=groups))
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass
+class FitResult:
+    student: DualEncoder
+    output_dir: Path
+    history: list[dict[str, Any]]
+    wall_seconds: float
+
+
+def build_stage_loss(stage: StageConfig, dims: Dims, stage_index: int) -> WeightedLoss:
+    """Build a stage's weighted loss; errors name the recipe key of the offending term."""
+    terms = []
+    for j, term in enumerate(stage.losses):
+        key = f"stages.{stage_index}.losses.{j}"
+        try:
+            loss = build_loss(term.name, dims, **term.options)
+        except KeyError as err:
+            raise ConfigError(f"{key}.name: {err.args[0]}") from None
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key} ({term.name}): {err}") from None
+        if "teacher" in loss.needs and not dims.teachers:
+            raise ConfigError(f"{key}: loss {term.name!r} needs a teacher, but the recipe has none (set teacher:)")
+        terms.append((term.label or _label(term.name, term.options), term.weight, loss))
+    labels = [t[0] for t in terms]
+    dupes = {lab for lab in labels if labels.count(lab) > 1}
+    if dupes:
+        raise ConfigError(f"stages.{stage_index}: several loss terms are labelled {sorted(dupes)}; give each a label")
+    return WeightedLoss(terms)
+
+
+def _label(name: str, options: dict[str, Any]) -> str:
+    parts = [name] + [str(options[k]) for k in ("tower", "lang") if k in options]
+    return "_".join(parts)
+
+
+def set_trainable(student: DualEncoder, towers: Sequence[str]) -> list[nn.Parameter]:
+    """Freeze the student's towers not in ``towers``; return the trainable parameters."""
+    params = []
+    for name, p in student.model.named_parameters():
+        tower = next((t for t, prefixes in TOWER_PREFIXES.items() if name.startswith(prefixes)), None)
+        p.requires_grad_(tower in towers if tower else False)
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def make_optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in name or "log_s" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def warmup_cosine(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = min(warmup, max(total - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    """Runs a recipe's stages on a student with (optionally) teachers.
+
+    Args:
+        config: the validated recipe.
+        student: the student to train (see :func:`prepare_student`).
+        train_data: a dataset whose items are ``{"index", "image", "captions", "label"}``.
+        teachers: frozen teachers, or ``None`` when no stage needs one.
+        teacher_source: stands in for the live teachers (e.g. a cache); default runs ``teachers``.
+    """
+
+    def __init__(
+        self,
+        config: RecipeConfig,
+        student: DualEncoder,
+        train_data,
+        teachers: Sequence[Teacher] = (),
+        teacher_source: TeacherSource | None = None,
+    ):
+        self.cfg = config
+        self.student = student
+        self.data = train_data
+        self.teachers = list(teachers)
+        self.teacher_source = teacher_source or (LiveTeachers(self.teachers) if self.teachers else None)
+        self.output_dir = Path(config.train.output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
+        self.dims = Dims(student=student.dims, teachers=tuple(t.dims for t in self.teachers))
+        missing = [lang for lang in config.data.languages if lang not in getattr(train_data, "languages", [lang])]
+        if missing:
+            raise ConfigError(f"data.languages: the training data has no captions in {missing}")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, module: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
+        """Write atomically: a crash leaves either the previous checkpoint or the new one, never half of one."""
+        if not self.accelerator.is_main_process:
+            return self.ckpt_dir
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        name = f"stage{state['stage']}-step{state['step']}"
+        tmp = self.ckpt_dir / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        weights = {
+            k: v.detach().cpu().contiguous() for k, v in self.accelerator.unwrap_model(module).state_dict().items()
+        }
+        save_file(_untie(weights), tmp / "module.safetensors")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "optim.pt"
+        )
+        (tmp / "state.json").write_text(json.dumps(state))
+        final = self.ckpt_dir / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write(self.ckpt_dir / "latest", name)
+        self._prune(keep=self.cfg.train.keep_checkpoints, current=name)
+        return final
+
+    def _prune(self, keep: int, current: str) -> None:
+        ckpts = sorted(
+            (p for p in self.ckpt_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            key=lambda p: json.loads((p / "state.json").read_text())["global_step"],
+        )
+        for old in ckpts[: max(0, len(ckpts) - keep)]:
+            if old.name != current:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def latest_checkpoint(self) -> Path | None:
+        marker = self.ckpt_dir / "latest"
+        if not marker.is_file():
+            return None
+        path = self.ckpt_dir / marker.read_text().strip()
+        return path if (path / "state.json").is_file() else None
+
+    # ------------------------------------------------------------------------------------------------- fit
+    def fit(self, resume: bool = False) -> FitResult:
+        start_time = time.perf_counter()
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
+        start_stage, start_step, ckpt = 0, 0, None
+        if resume:
+            ckpt = self.latest_checkpoint()
+            if ckpt is not None:
+                state = json.loads((ckpt / "state.json").read_text())
+                start_stage, start_step = state["stage"], state["step"]
+                self._print(f"resuming from {ckpt} (stage {start_stage}, step {start_step})")
+            else:
+                self._print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from scratch")
+        history = self._load_history(start_stage, start_step) if ckpt else []
+        metrics_file = open(self.output_dir / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        for row in history:
+            metrics_file.write(json.dumps(row) + "\n")
+        tb = self._tensorboard()
+        try:
+            for i, stage in enumerate(cfg.stages):
+                if i < start_stage:
+                    continue
+                self._run_stage(i, stage, start_step if i == start_stage else 0, ckpt, history, metrics_file, tb)
+                ckpt = None
+        finally:
+            metrics_file.close()
+            if tb is not None:
+                tb.close()
+        return FitResult(self.student, self.output_dir, history, time.perf_counter() - start_time)
+
+    def _run_stage(self, index, stage: StageConfig, start_step, ckpt, history, metrics_file, tb) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        loss = build_stage_loss(stage, self.dims, index)
+        set_trainable(self.student, stage.trainable)
+        module = DistillModule(self.student, loss, self.teacher_source)
+        optimizer = make_optimizer(module, stage.lr or cfg.train.lr, cfg.train.weight_decay)
+        scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, stage.steps)
+        if ckpt is not None:
+            weights = load_file(ckpt / "module.safetensors")
+            module.load_state_dict(weights)
+            extra = torch.load(ckpt / "optim.pt", weights_only=True)
+            optimizer.load_state_dict(extra["optimizer"])
+            scheduler.load_state_dict(extra["scheduler"])
+            torch.set_rng_state(extra["rng"]["torch"])
+            if "cuda" in extra["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+        if start_step >= stage.steps:
+            return
+        needs_teacher = "teacher" in loss.needs
+        collate = Collator(
+            self.student,
+            self.teachers if needs_teacher and isinstance(self.teacher_source, LiveTeachers) else [],
+            cfg.data.languages,
+            [_teacher_langs(t, cfg) for t in cfg.teachers] if needs_teacher else [],
+        )
+        ga = cfg.train.grad_accum
+        sampler = StageSampler(
+            len(self.data), cfg.train.batch_size, cfg.train.seed, index, stage.steps * ga, start_step * ga
+        )
+        loader = torch.utils.data.DataLoader(
+            self.data, batch_sampler=sampler, collate_fn=collate, num_workers=_workers(), persistent_workers=False
+        )
+        module, optimizer, loader = acc.prepare(module, optimizer, loader)
+        module.train()
+        bar = tqdm(
+            total=stage.steps,
+            initial=start_step,
+            desc=f"{stage.name}",
+            disable=not (cfg.train.progress and acc.is_main_process),
+            dynamic_ncols=True,
+        )
+        batches = iter(loader)
+        t0, seen = time.perf_counter(), 0
+        for step in range(start_step, stage.steps):
+            parts_sum: dict[str, float] = {}
+            for micro in range(ga):
+                batch = next(batches)
+                sync = acc.no_sync(module) if micro < ga - 1 else nullcontext()
+                with sync, acc.autocast():
+                    total, parts = module(batch)
+                acc.backward(total / ga)
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / ga
+                seen += len(batch["index"])
+            if cfg.train.max_grad_norm is not None:
+                acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == stage.steps:
+                row = {"stage": stage.name, "stage_index": index, "step": done, "lr": scheduler.get_last_lr()[0]}
+                row.update({k: round(v, 6) for k, v in parts_sum.items()})
+                row["samples_per_second"] = round(seen / max(time.perf_counter() - t0, 1e-9), 2)
+                history.append(row)
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                if tb is not None:
+                    gstep = sum(s.steps for s in cfg.stages[:index]) + done
+                    for k, v in row.items():
+                        if isinstance(v, float):
+                            tb.add_scalar(f"{stage.name}/{k}", v, gstep)
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts_sum.get('loss', 0.0):.4f}")
+            last = done == stage.steps
+            if last or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+                state = {"stage": index + 1 if last else index, "step": 0 if last else done}
+                state["global_step"] = sum(s.steps for s in cfg.stages[:index]) + done
+                self._save_checkpoint(module, optimizer, scheduler, state)
+        bar.close()
+        _copy_logit_scale(self.student, acc.unwrap_model(module).loss)
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def _load_history(self, stage: int, step: int) -> list[dict[str, Any]]:
+        path = self.output_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if (r["stage_index"], r["step"]) <= (stage, step) or r["stage_index"] < stage]
+
+    def _tensorboard(self):
+        if not (self.cfg.train.tensorboard and self.accelerator.is_main_process):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.output_dir / "tb"))
+
+    def _print(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            print(msg, flush=True)
+
+
+def _teacher_langs(tcfg, cfg: RecipeConfig) -> list[str]:
+    return [lang for lang in cfg.data.languages if lang in tcfg.languages]
+
+
+def _workers() -> int:
+    # Workers pay off when preprocessing is heavy (real images); tiny bundled images decode faster in-process.
+    return int(os.environ.get("VLDISTILL_WORKERS", "0"))
+
+
+def _untie(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """safetensors refuses tensors that share storage; clone the duplicates."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in weights.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _copy_logit_scale(student: DualEncoder, loss: WeightedLoss) -> None:
+    """Export the contrastive scale learnt by a ``clip`` term, so the saved student's scores are calibrated."""
+    log_s = getattr(student.model, "logit_scale", None)
+    for _, _, term in loss.terms:
+        term_log_s = getattr(term, "log_s", None)
+        if log_s is not None and isinstance(term_log_s, nn.Parameter) and term.__class__.__name__ == "ClipLoss":
+            with torch.no_grad():
+                log_s.copy_(term_log_s.detach().clamp(max=math.log(100.0)))
+
+
+# ------------------------------------------------------------------------------------------ building blocks
+def prepare_teachers(cfg: RecipeConfig, loaded: Sequence[Teacher] | None = None) -> list[Teacher]:
+    """Load the recipe's teachers (or take already loaded ones)."""
+    if loaded is not None:
+        return list(loaded)
+    teachers = []
+    for i, tcfg in enumerate(cfg.teachers):
+        if not tcfg.name_or_path:
+            raise ConfigError(f"teachers.{i}.name_or_path is not set: give a hub id or directory (--teacher PATH)")
+        teachers.append(
+            load_teacher(tcfg.name_or_path, tcfg.revision, tcfg.trust_remote_code, DTYPES[tcfg.dtype], tcfg.languages)
+        )
+    return teachers
+
+
+def prepare_student(cfg: RecipeConfig, corpus: Sequence[str] = (), tokenizer=None) -> DualEncoder:
+    """Build the student preset; trains a tokenizer on ``corpus`` when the preset needs one and none is given."""
+    from .tokenization import train_wordpiece
+
+    scfg = cfg.student
+    options: dict[str, Any] = dict(scfg.overrides)
+    if scfg.preset == "pretrained":
+        options["name_or_path"] = scfg.name_or_path
+    if scfg.preset == "vtde":
+        options.update(vision=scfg.vision, text=scfg.text)
+    tok = tokenizer or scfg.tokenizer
+    if tok is None and scfg.preset not in ("pretrained", "vtde"):
+        if not corpus:
+            raise ConfigError("student.tokenizer is not set and there is no text to train one on")
+        tok = train_wordpiece(corpus, vocab_size=scfg.vocab_size)
+    torch.manual_seed(cfg.train.seed)
+    try:
+        return build_student(scfg.preset, tokenizer=tok, **options)
+    except KeyError as err:
+        raise ConfigError(f"student.preset: {err.args[0]}") from None
