@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ class StudentConfig:
 
     def __post_init__(self):
         if self.vocab_size < 16:
-            raise ConfigError(f"student.vocab_size = {self.vocab_size}: must be at least 16")
+            raise ConfigError(f"vocab_size = {self.vocab_size}: must be at least 16")
 
 
 @dataclass
@@ -129,11 +130,11 @@ class StageConfig:
 
     def __post_init__(self):
         if self.steps < 1:
-            raise ConfigError(f"stage {self.name!r}: steps = {self.steps}: must be at least 1")
+            raise ConfigError(f"steps = {self.steps}: must be at least 1 (stage {self.name!r})")
         if not self.losses:
-            raise ConfigError(f"stage {self.name!r}: losses is empty; give at least one loss")
+            raise ConfigError(f"losses = []: give at least one loss (stage {self.name!r})")
         if not self.trainable:
-            raise ConfigError(f"stage {self.name!r}: trainable is empty; allowed: image, text")
+            raise ConfigError(f"trainable = []: give at least one of: image, text (stage {self.name!r})")
 
 
 @dataclass
@@ -170,13 +171,14 @@ class TrainConfig:
     """Also log to TensorBoard (``OUTPUT_DIR/tb``)."""
 
     def __post_init__(self):
-        for key in ("batch_size", "grad_accum"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} = {getattr(self, key)}: must be at least 1")
+        for key, least in (("batch_size", 1), ("grad_accum", 1), ("log_every", 1), ("keep_checkpoints", 1)):
+            if getattr(self, key) < least:
+                raise ConfigError(f"{key} = {getattr(self, key)}: must be at least {least}")
+        for key in ("warmup_steps", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} = {getattr(self, key)}: must be at least 0")
         if self.lr <= 0:
-            raise ConfigError(f"train.lr = {self.lr}: must be positive")
-        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.log_every < 1:
-            raise ConfigError("train.warmup_steps and train.checkpoint_every must be >= 0, train.log_every >= 1")
+            raise ConfigError(f"lr = {self.lr}: must be positive")
 
 
 @dataclass
@@ -293,8 +295,8 @@ def from_dict(cls: type, data: Any, key: str = "") -> Any:
     kwargs = {k: _convert(v, hints[k], _join(key, k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as err:  # a check in __post_init__: its message starts with the field name
+        raise ConfigError(_join(key, str(err))) from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from err
 
@@ -313,6 +315,20 @@ def _join(prefix: str, name: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------- YAML and overrides
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-4`` as a number: PyYAML follows YAML 1.1, where a float needs a dot
+    (``1.0e-4``) and ``1e-4`` is a string; YAML 1.2 and every user writing ``--train.lr 1e-4`` mean the number."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _load_yaml(stream: Any) -> Any:
+    return yaml.load(stream, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
     """YAML conveniences: ``teacher:`` shorthand, and loss options written inline next to ``name``/``weight``."""
     raw = copy.deepcopy(raw)
@@ -321,7 +337,8 @@ def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError("give either 'teacher' or 'teachers', not both")
         teacher = raw.pop("teacher")
         raw["teachers"] = [] if teacher is None else [teacher]
-    for i, stage in enumerate(raw.get("stages") or []):
+    stages = raw.get("stages")
+    for i, stage in enumerate(stages if isinstance(stages, list) else []):  # a non-list fails with its type later
         if not isinstance(stage, dict):
             raise ConfigError(f"stages.{i} = {stage!r}: expected a mapping")
         losses = stage.get("losses")
@@ -357,7 +374,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg!r} has no value")
             key, text = arg[2:], args[i + 1]
             i += 2
-        out[key] = yaml.safe_load(text)
+        out[key] = _load_yaml(text)
     return out
 
 
@@ -375,7 +392,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         for depth, part in enumerate(parts[:-1]):
             here = ".".join(parts[: depth + 1])
             if isinstance(node, list):
-                node = _list_item(node, part, here)
+                node = _list_item(node, part, dotted)
             else:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict | list):
@@ -439,11 +456,13 @@ def load_recipe(
     if raw is None:
         path = resolve_recipe_path(name_or_path)
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+            raw = _load_yaml(f) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    # Normalised again after each set of overrides, so that overrides may use the YAML conveniences too, e.g.
+    # ``--stages.0.losses.0.tower text`` (an inline loss option) or ``--stages.1.losses [clip]``.
     raw = _normalise(raw)
     if tiny:
-        raw = apply_overrides(raw, raw.get("tiny") or {})
-    raw = apply_overrides(raw, overrides or {})
+        raw = _normalise(apply_overrides(raw, raw.get("tiny") or {}))
+    raw = _normalise(apply_overrides(raw, overrides or {}))
     return from_dict(RecipeConfig, raw)

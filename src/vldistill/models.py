@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -161,14 +162,27 @@ class DualEncoder(nn.Module):
     # ------------------------------------------------------------- raw-input encoder (evaluation protocol)
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> Tensor:
-        """Raw images -> L2-normalised embeddings, for evaluation."""
-        return nn.functional.normalize(self.encode_image(self.preprocess_images(images)).float(), dim=-1).cpu()
+        """Raw images -> L2-normalised embeddings, for evaluation (always in eval mode)."""
+        with _eval_mode(self):
+            return nn.functional.normalize(self.encode_image(self.preprocess_images(images)).float(), dim=-1).cpu()
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> Tensor:
-        """Raw texts -> L2-normalised embeddings, for evaluation."""
+        """Raw texts -> L2-normalised embeddings, for evaluation (always in eval mode)."""
         enc = self.tokenize(texts)
-        return nn.functional.normalize(self.encode_text(**enc).float(), dim=-1).cpu()
+        with _eval_mode(self):
+            return nn.functional.normalize(self.encode_text(**enc).float(), dim=-1).cpu()
+
+
+@contextmanager
+def _eval_mode(module: nn.Module):
+    """Evaluate without dropout, then give the module back in the mode it was in (e.g. mid-training)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class Teacher(DualEncoder):

@@ -270,6 +270,9 @@ class Trainer:
         missing = [lang for lang in config.data.languages if lang not in getattr(train_data, "languages", [lang])]
         if missing:
             raise ConfigError(f"data.languages: the training data has no captions in {missing}")
+        with torch.random.fork_rng(devices=[]):  # fail now, not after the earlier stages trained
+            for i, stage in enumerate(config.stages):
+                build_stage_loss(stage, self.dims, i)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, module: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
@@ -342,14 +345,22 @@ class Trainer:
                     continue
                 self._run_stage(i, stage, start_step if i == start_stage else 0, ckpt, history, metrics_file, tb)
                 ckpt = None
+            if ckpt is not None:  # resuming a finished run: its last checkpoint holds the final student
+                self._restore_student(ckpt)
         finally:
             metrics_file.close()
             if tb is not None:
                 tb.close()
+        self.student.eval()
         return FitResult(self.student, self.output_dir, history, time.perf_counter() - start_time)
 
     def _run_stage(self, index, stage: StageConfig, start_step, ckpt, history, metrics_file, tb) -> None:
         cfg, acc = self.cfg, self.accelerator
+        if ckpt is not None and start_step == 0:
+            # Written at the end of the previous stage: it carries the student and the RNG into this stage; this
+            # stage's losses (their own parameters), optimiser and schedule start fresh, as in an uninterrupted run.
+            self._restore_student(ckpt)
+            ckpt = None
         loss = build_stage_loss(stage, self.dims, index)
         set_trainable(self.student, stage.trainable)
         module = DistillModule(self.student, loss, self.teacher_source)
@@ -361,24 +372,24 @@ class Trainer:
             extra = torch.load(ckpt / "optim.pt", weights_only=True)
             optimizer.load_state_dict(extra["optimizer"])
             scheduler.load_state_dict(extra["scheduler"])
-            torch.set_rng_state(extra["rng"]["torch"])
-            if "cuda" in extra["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+            _set_rng_state(extra["rng"])
         if start_step >= stage.steps:
             return
-        needs_teacher = "teacher" in loss.needs
-        collate = Collator(
-            self.student,
-            self.teachers if needs_teacher and isinstance(self.teacher_source, LiveTeachers) else [],
-            cfg.data.languages,
-            [_teacher_langs(t, cfg) for t in cfg.teachers] if needs_teacher else [],
-        )
+        live = self.teachers if "teacher" in loss.needs and isinstance(self.teacher_source, LiveTeachers) else []
+        collate = Collator(self.student, live, cfg.data.languages, [_teacher_langs(t, cfg) for t in live])
         ga = cfg.train.grad_accum
         sampler = StageSampler(
             len(self.data), cfg.train.batch_size, cfg.train.seed, index, stage.steps * ga, start_step * ga
         )
+        # The loader's own generator: starting an iterator would otherwise draw from the global RNG, so a resumed run
+        # (which restores the RNG before that draw) would see different dropout than an uninterrupted one.
         loader = torch.utils.data.DataLoader(
-            self.data, batch_sampler=sampler, collate_fn=collate, num_workers=_workers(), persistent_workers=False
+            self.data,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=_workers(),
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(cfg.train.seed),
         )
         module, optimizer, loader = acc.prepare(module, optimizer, loader)
         module.train()
@@ -423,14 +434,23 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{parts_sum.get('loss', 0.0):.4f}")
             last = done == stage.steps
+            if last:  # before the stage's last checkpoint, so that a run resumed from it has the same student
+                _copy_logit_scale(self.student, acc.unwrap_model(module).loss)
             if last or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
                 state = {"stage": index + 1 if last else index, "step": 0 if last else done}
                 state["global_step"] = sum(s.steps for s in cfg.stages[:index]) + done
                 self._save_checkpoint(module, optimizer, scheduler, state)
         bar.close()
-        _copy_logit_scale(self.student, acc.unwrap_model(module).loss)
 
     # ---------------------------------------------------------------------------------------------- helpers
+    def _restore_student(self, ckpt: Path) -> None:
+        """Load only the student's weights and the RNG state from a checkpoint (not the losses or the optimiser)."""
+        weights = load_file(ckpt / "module.safetensors")
+        self.student.load_state_dict(
+            {k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")}
+        )
+        _set_rng_state(torch.load(ckpt / "optim.pt", weights_only=True)["rng"])
+
     def _load_history(self, stage: int, step: int) -> list[dict[str, Any]]:
         path = self.output_dir / "metrics.jsonl"
         if not path.is_file():
@@ -450,8 +470,15 @@ class Trainer:
             print(msg, flush=True)
 
 
-def _teacher_langs(tcfg, cfg: RecipeConfig) -> list[str]:
-    return [lang for lang in cfg.data.languages if lang in tcfg.languages]
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _teacher_langs(teacher: Teacher, cfg: RecipeConfig) -> list[str]:
+    # The loaded teacher's own languages (prepare_teachers sets them from the recipe's teachers.N.languages).
+    return [lang for lang in cfg.data.languages if lang in getattr(teacher, "languages", ["en"])]
 
 
 def _workers() -> int:

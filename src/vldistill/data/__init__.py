@@ -19,20 +19,24 @@ from vldistill.data.pairs import (
     load_hf_dataset,
     load_manifest,
 )
+from vldistill.data.sources import DATASETS, LabelledData, load_data
 
 __all__ = [
     "CLASSNAMES",
     "COLORS_ZH",
+    "DATASETS",
     "SHAPES_ZH",
     "TEMPLATES",
     "BundledData",
     "DataError",
+    "LabelledData",
     "PairDataset",
     "Sample",
     "ZeroShotSet",
     "caption_groups",
     "collate_raw",
     "decode_image",
+    "load_data",
     "load_easyvqa",
     "load_hf_dataset",
     "load_manifest",

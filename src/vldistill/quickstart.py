@@ -1,0 +1,297 @@
+"""``vldistill quickstart``: the main job, offline, on the bundled data.
+
+1. builds the bundled English + Chinese dataset and trains the tokenizers (teacher: English; student: both);
+2. without ``--teacher``, trains a reference teacher CLIP on the English captions and caches it under
+   ``runs/teachers/`` keyed by its config (later runs reuse it; a changed config retrains it);
+3. distils a student with at most 1/8 of the teacher's parameters with ``recipes/dcclip.yaml``;
+4. trains the same student architecture without the teacher (contrastive loss only, same steps and batch size);
+5. evaluates teacher, student and baseline, prints a table, writes ``results.json``, saves the student in
+   Hugging Face format and writes a report with a plot.
+
+Sits on top of the library (like the trainer and the CLI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import LossConfig, RecipeConfig, StageConfig, load_recipe, to_dict
+from .data.sources import LabelledData, load_data
+from .evaluation import agreement, evaluate
+from .models import DualEncoder, Teacher, load_teacher
+from .pipeline import adapted_cosine, fit_recipe, image_ms_per_image, tokenizer_corpus
+from .tokenization import train_wordpiece
+from .trainer import prepare_student
+
+# --fast: the same pipeline on a smaller slice, for tests and a first look (< 2 minutes).
+FAST_DATA = {"data.limit_train": 768, "data.limit_eval": 200}
+FAST_TEACHER = {"stages.0.steps": 60, "train.batch_size": 64}
+FAST_STUDENT = {"stages.0.steps": 30, "stages.1.steps": 20, "train.batch_size": 64}
+
+
+def run_quickstart(
+    output_dir: str | Path = "runs/quickstart",
+    teacher: str | None = None,
+    fast: bool = False,
+    seed: int = 0,
+    teacher_cache: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run the whole quickstart and return the results dictionary (also written to ``results.json``)."""
+    start = time.perf_counter()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    common = {**(FAST_DATA if fast else {}), "train.seed": seed, "train.progress": True}
+
+    # 1. data and tokenizers
+    _say("1/5 data: bundled easy-vqa, English + Chinese captions")
+    s_cfg = load_recipe(
+        "dcclip", {**common, **(FAST_STUDENT if fast else {}), "train.output_dir": str(out / "distill")}
+    )
+    train = load_data(s_cfg.data.train, "train", ["en", "zh"], limit=s_cfg.data.limit_train)
+    test = load_data(s_cfg.data.eval, "test", ["en", "zh"], limit=s_cfg.data.limit_eval)
+    student_tok = train_wordpiece(tokenizer_corpus(train, ["en", "zh"]), vocab_size=s_cfg.student.vocab_size)
+
+    # 2. teacher
+    if teacher:
+        _say(f"2/5 teacher: {teacher}")
+        t_model, t_history = load_teacher(teacher), []
+    else:
+        t_model, t_history = reference_teacher(train, common, fast, teacher_cache or out.parent / "teachers")
+
+    # 3. distilled student
+    s_cfg.teachers[0].name_or_path = teacher or "reference-teacher"
+    student = prepare_student(s_cfg, tokenizer=student_tok)
+    if student.num_parameters() * 8 > t_model.num_parameters():
+        raise ValueError(
+            f"the student has {student.num_parameters():,} parameters, more than 1/8 of the teacher's "
+            f"{t_model.num_parameters():,}: choose a larger teacher or a smaller student preset"
+        )
+    _say(f"3/5 distil: {s_cfg.student.preset} ({student.num_parameters():,} params) with recipes/dcclip.yaml")
+    distill = fit_recipe(s_cfg, teachers=[t_model], student=student, train_data=train, evaluate_after=False)
+    student.save_pretrained(out / "student")
+
+    # 4. baseline: same architecture, same data, steps and batch size, no teacher
+    b_cfg = baseline_config(s_cfg, out / "baseline")
+    baseline = prepare_student(b_cfg, tokenizer=student_tok)
+    _say(f"4/5 baseline: the same student without the teacher ({b_cfg.total_steps} steps, contrastive only)")
+    base = fit_recipe(b_cfg, teachers=[], student=baseline, train_data=train, evaluate_after=False)
+
+    # 5. evaluation
+    _say("5/5 evaluate teacher, student and baseline on the test split")
+    results = evaluate_three(t_model, student, baseline, train, test)
+    results["wall_seconds"] = round(time.perf_counter() - start, 1)
+    results["setup"] = {
+        "fast": fast,
+        "teacher": teacher or "reference (trained by the quickstart)",
+        "train_samples": len(train.dataset),
+        "test_samples": len(test.dataset),
+        "student_steps": s_cfg.total_steps,
+        "baseline_steps": b_cfg.total_steps,
+        "batch_size": s_cfg.train.batch_size,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
+        "vldistill": __version__,
+    }
+    results["targets"] = target_check(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    histories = {"teacher": t_history, "student (distilled)": _rows(distill), "baseline": _rows(base)}
+    write_report(out, results, histories)
+    print(format_table(results), flush=True)
+    _say(f"wrote {out / 'results.json'}, {out / 'student'}/ and {out / 'report.md'} in {results['wall_seconds']} s")
+    return results
+
+
+def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    path = Path(summary["output_dir"]) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _say(msg: str) -> None:
+    print(f"[quickstart] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------- the teacher
+def reference_teacher(
+    train: LabelledData, common: dict[str, Any], fast: bool, cache_root: str | Path
+) -> tuple[Teacher, list[dict[str, Any]]]:
+    """Train (or reuse) the reference teacher: a CLIP trained on the English captions only."""
+    cfg = load_recipe("reference-teacher", {**common, **(FAST_TEACHER if fast else {})})
+    key_src = {k: v for k, v in to_dict(cfg).items() if k not in ("tiny",)}
+    key_src["train"] = {k: v for k, v in key_src["train"].items() if k not in ("output_dir", "progress", "tensorboard")}
+    key = hashlib.sha256(json.dumps([key_src, __version__], sort_keys=True).encode()).hexdigest()[:12]
+    final = Path(cache_root) / f"reference-{key}"
+    if (final / "model" / "config.json").is_file():
+        _say(f"2/5 teacher: reusing the reference teacher in {final} (delete it to retrain)")
+        history = [json.loads(x) for x in (final / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return load_teacher(final / "model"), history
+    _say(f"2/5 teacher: training a reference teacher (recipes/reference-teacher.yaml, {cfg.total_steps} steps)")
+    work = Path(cache_root) / f".work-{key}"
+    cfg.train.output_dir = str(work)
+    corpus = tokenizer_corpus(train, ["en"])
+    model = prepare_student(cfg, tokenizer=train_wordpiece(corpus, vocab_size=cfg.student.vocab_size))
+    fit_recipe(cfg, student=model, train_data=train, evaluate_after=False)  # data.languages: [en] in the recipe
+    tmp = Path(cache_root) / f".tmp-{key}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl")
+    (tmp / "recipe.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # the teacher appears complete or not at all
+    shutil.rmtree(work, ignore_errors=True)
+    history = [json.loads(x) for x in (final / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return load_teacher(final / "model"), history
+
+
+def baseline_config(cfg: RecipeConfig, output_dir: Path) -> RecipeConfig:
+    """The distillation recipe without its teacher: one contrastive stage of the same total steps."""
+    raw = to_dict(cfg)
+    raw["teachers"] = []
+    raw["stages"] = [to_dict(StageConfig(name="contrastive", steps=cfg.total_steps, losses=[LossConfig("clip")]))]
+    raw["stages"][0]["losses"][0]["options"] = {"langs": list(cfg.data.languages)}
+    raw["train"]["output_dir"] = str(output_dir)
+    raw.pop("tiny")
+    return load_recipe(raw={**raw, "tiny": {}})
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate_three(
+    teacher: DualEncoder, student: DualEncoder, baseline: DualEncoder, train: LabelledData, test: LabelledData
+) -> dict[str, Any]:
+    """Teacher (English), student and baseline (English and Chinese) on the same test images."""
+    eval_set = test.eval_set(["en", "zh"])
+    t_out = evaluate(teacher, eval_set, ["en"])
+    results: dict[str, Any] = {"teacher": _model_entry(teacher, t_out, test)}
+    fit_images = [train.dataset[i]["image"] for i in range(min(512, len(train.dataset)))]
+    for name, model in (("student", student), ("baseline", baseline)):
+        out = evaluate(model, eval_set, ["en", "zh"])
+        entry = _model_entry(model, out, test)
+        entry["agreement_with_teacher"] = {"en": agreement(out["predictions"]["en"], t_out["predictions"]["en"])}
+        entry["image_cosine_with_teacher"] = adapted_cosine(model, teacher, fit_images, eval_set.images)
+        results[name] = entry
+    return results
+
+
+def _model_entry(model: DualEncoder, out: dict[str, Any], test: LabelledData) -> dict[str, Any]:
+    images = [test.dataset[i]["image"] for i in range(min(64, len(test.dataset)))]
+    return {
+        "params": model.num_parameters(),
+        "image_ms_per_image": round(image_ms_per_image(model, images), 4),
+        "zeroshot": out["metrics"]["zeroshot"],
+        "retrieval": out["metrics"]["retrieval"],
+    }
+
+
+def target_check(r: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, computed from this run (a benchmark, not an assertion)."""
+    t_en = r["teacher"]["zeroshot"]["en"]["top1"]
+    s_en, s_zh = r["student"]["zeroshot"]["en"]["top1"], r["student"]["zeroshot"]["zh"]["top1"]
+    b_en = r["baseline"]["zeroshot"]["en"]["top1"]
+    speed = r["teacher"]["image_ms_per_image"] / max(r["student"]["image_ms_per_image"], 1e-9)
+    checks = {
+        "student_en_over_teacher_en": (s_en / t_en if t_en else 0.0, 0.90),
+        "student_zh_over_teacher_en": (s_zh / t_en if t_en else 0.0, 0.85),
+        "student_minus_baseline_en_points": (100 * (s_en - b_en), 5.0),
+        "image_speedup": (speed, 4.0),
+        "param_ratio": (r["teacher"]["params"] / r["student"]["params"], 8.0),
+    }
+    return {k: {"value": round(v, 4), "target": t, "met": v >= t} for k, (v, t) in checks.items()}
+
+
+def format_table(r: dict[str, Any]) -> str:
+    rows = [("", "params", "img ms", "EN top1", "EN top5", "ZH top1", "ZH top5", "EN i2t R@1", "ZH i2t R@1", "agree")]
+    for name in ("teacher", "student", "baseline"):
+        e = r[name]
+        zs, rt = e["zeroshot"], e["retrieval"]
+
+        def pct(d, lang, key):
+            return f"{100 * d[lang][key]:.1f}" if lang in d else "-"
+
+        agree = e.get("agreement_with_teacher", {}).get("en")
+        rows.append(
+            (
+                name,
+                f"{e['params'] / 1e6:.2f}M",
+                f"{e['image_ms_per_image']:.3f}",
+                pct(zs, "en", "top1"),
+                pct(zs, "en", "top5"),
+                pct(zs, "zh", "top1"),
+                pct(zs, "zh", "top5"),
+                pct(rt, "en", "i2t_r1"),
+                pct(rt, "zh", "i2t_r1"),
+                "-" if agree is None else f"{100 * agree:.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    targets = [
+        f"{k}: {v['value']} (target {v['target']}, {'met' if v['met'] else 'MISSED'})" for k, v in r["targets"].items()
+    ]
+    return "\n".join(["", *lines, "", *targets, f"wall: {r['wall_seconds']} s", ""])
+
+
+def write_report(out: Path, results: dict[str, Any], histories: dict[str, list[dict[str, Any]]]) -> None:
+    """``report.md`` with the table and ``report.png`` with training curves and the three models' accuracies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, rows in histories.items():
+        offset, xs, ys, last_stage = 0, [], [], None
+        for row in rows:
+            if last_stage is not None and row["stage_index"] != last_stage:
+                offset = xs[-1] if xs else 0
+            last_stage = row["stage_index"]
+            xs.append(offset + row["step"])
+            ys.append(row["loss"])
+        if xs:
+            ax1.plot(xs, ys, label=name)
+    ax1.set(xlabel="step", ylabel="training loss", yscale="log", title="training curves")
+    ax1.legend()
+    labels, groups = ["EN top-1", "ZH top-1", "EN i2t R@1", "ZH i2t R@1"], []
+    for name in ("teacher", "student", "baseline"):
+        zs, rt = results[name]["zeroshot"], results[name]["retrieval"]
+        groups.append(
+            (
+                name,
+                [zs.get(lang, {}).get("top1", 0) for lang in ("en", "zh")]
+                + [rt.get(lang, {}).get("i2t_r1", 0) for lang in ("en", "zh")],
+            )
+        )
+    width = 0.27
+    for k, (name, values) in enumerate(groups):
+        ax2.bar([i + (k - 1) * width for i in range(len(labels))], [100 * v for v in values], width, label=name)
+    ax2.set_xticks(range(len(labels)), labels)
+    ax2.set(ylabel="%", ylim=(0, 100), title="test split (teacher: English only)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=110)
+    plt.close(fig)
+    text = [
+        "# vldistill quickstart report",
+        "",
+        f"Machine: {results['setup']['machine']}. Wall time: {results['wall_seconds']} s. "
+        f"Teacher: {results['setup']['teacher']}.",
+        "",
+        "```",
+        format_table(results).strip(),
+        "```",
+        "",
+        "![training curves and accuracies](report.png)",
+        "",
+        "Student and baseline share architecture, tokenizer, initialisation, data, steps and batch size; only the "
+        "objective differs (DC-CLIP distillation + alignment vs contrastive training alone).",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(text), encoding="utf-8")

@@ -1,0 +1,140 @@
+"""End-to-end: the quickstart's fast mode through the CLI, its outputs, teacher reuse, and the other commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModel, CLIPModel, pipeline
+
+from vldistill import quickstart as qs
+from vldistill.cli import main
+from vldistill.data.sources import load_data
+from vldistill.evaluation import evaluate_zeroshot
+from vldistill.models import DualEncoder
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs") / "quickstart"
+    code = main(["quickstart", "--fast", "--output", str(out)])
+    assert code == 0
+    return out
+
+
+def test_results_json_has_the_documented_shape(fast_run):
+    results = json.loads((fast_run / "results.json").read_text())
+    assert results["wall_seconds"] > 0
+    for name, langs in (("teacher", ["en"]), ("student", ["en", "zh"]), ("baseline", ["en", "zh"])):
+        entry = results[name]
+        assert entry["params"] > 0 and entry["image_ms_per_image"] > 0
+        assert sorted(entry["zeroshot"]) == langs and sorted(entry["retrieval"]) == langs
+        for lang in langs:
+            for key in ("top1", "top5"):
+                assert 0.0 <= entry["zeroshot"][lang][key] <= 1.0
+            assert entry["zeroshot"][lang]["top5"] >= entry["zeroshot"][lang]["top1"]
+            for key in ("i2t_r1", "t2i_r1"):
+                assert 0.0 <= entry["retrieval"][lang][key] <= 1.0
+    # the student is at least 8x smaller than the teacher, the baseline has the same architecture
+    assert results["teacher"]["params"] >= 8 * results["student"]["params"]
+    assert results["baseline"]["params"] == results["student"]["params"]
+    assert results["setup"]["student_steps"] == results["setup"]["baseline_steps"]
+    assert set(results["targets"]) >= {"student_en_over_teacher_en", "image_speedup"}
+
+
+def test_outputs_report_and_training_logs(fast_run):
+    assert (fast_run / "report.png").stat().st_size > 10_000
+    report = (fast_run / "report.md").read_text()
+    assert "teacher" in report and "baseline" in report and "report.png" in report
+    distill_rows = [json.loads(x) for x in (fast_run / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in distill_rows} == {"distill", "align"}
+    assert any("fd_image" in r and "xling" in r for r in distill_rows)
+    baseline_rows = [json.loads(x) for x in (fast_run / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert all("fd_image" not in r for r in baseline_rows) and all("clip" in r for r in baseline_rows)
+
+
+def test_saved_student_loads_with_transformers_alone_and_agrees_with_the_pipeline(fast_run):
+    student_dir = fast_run / "student"
+    assert isinstance(AutoModel.from_pretrained(student_dir), CLIPModel)
+    assert not list(student_dir.glob("*.bin"))
+    test = load_data("bundled:easyvqa", "test", ["en", "zh"], limit=12)
+    images = [test.dataset[i]["image"] for i in range(12)]
+    labels = [test.dataset[i]["label"] for i in range(12)]
+    classnames = test.classnames["zh"]
+    ours = evaluate_zeroshot(DualEncoder.from_pretrained(student_dir), images, labels, classnames, ["一张{}的照片。"])
+    classify = pipeline("zero-shot-image-classification", model=str(student_dir))
+    theirs = [
+        classify(img, candidate_labels=classnames, hypothesis_template="一张{}的照片。")[0]["label"] for img in images
+    ]
+    assert [classnames[i] for i in ours.predictions.tolist()] == theirs
+
+
+def test_eval_command_on_the_saved_student(fast_run, capsys):
+    out_file = fast_run / "eval.json"
+    code = main(["eval", "--model", str(fast_run / "student"), "--limit", "50", "--out", str(out_file)])
+    assert code == 0
+    metrics = json.loads(out_file.read_text())
+    assert sorted(metrics["zeroshot"]) == ["en", "zh"]
+    assert 0.0 <= metrics["zeroshot"]["zh"]["top1"] <= 1.0
+    assert json.loads(capsys.readouterr().out)["params"] == metrics["params"]
+
+
+def test_reference_teacher_is_cached_and_retrained_when_its_config_changes(tmp_path, monkeypatch):
+    monkeypatch.setitem(qs.FAST_TEACHER, "stages.0.steps", 3)
+    train = load_data("bundled:easyvqa", "train", ["en", "zh"], limit=96)
+    common = {"train.seed": 0, "train.progress": False, "data.limit_train": 96}
+    first, history = qs.reference_teacher(train, common, True, tmp_path)
+    assert history and len(list(tmp_path.glob("reference-*"))) == 1
+    again, _ = qs.reference_teacher(train, common, True, tmp_path)
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert len(list(tmp_path.glob("reference-*"))) == 1  # reused, not retrained
+    qs.reference_teacher(train, {**common, "train.seed": 1}, True, tmp_path)
+    assert len(list(tmp_path.glob("reference-*"))) == 2  # a changed config trains a new one
+    assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".work-*"))
+
+
+def test_quickstart_refuses_a_teacher_less_than_8x_the_student(tmp_path):
+    from vldistill.students import build_student
+    from vldistill.tokenization import train_wordpiece
+
+    small = build_student("test-clip", train_wordpiece(["a red circle", "a blue square"], 100))
+    small.save_pretrained(tmp_path / "small-teacher")
+    with pytest.raises(ValueError, match="more than 1/8 of the teacher"):
+        qs.run_quickstart(tmp_path / "out", teacher=str(tmp_path / "small-teacher"), fast=True)
+
+
+def test_info_lists_every_registry(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"clip", "fd", "xling"} <= set(info["losses"])
+    assert {"clip-tiny", "test-clip"} <= set(info["students"])
+    assert {"dcclip", "reference-teacher"} <= set(info["recipes"])
+    assert "easyvqa" in info["datasets"]
+    assert {"clip", "chinese_clip", "altclip", "siglip"} <= set(info["teachers"])
+
+
+def test_every_command_has_help(capsys):
+    for command in ("quickstart", "fit", "eval", "info"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: vldistill " + command in capsys.readouterr().out
+
+
+def test_eval_reports_a_missing_model_directory(tmp_path, capsys):
+    code = main(["eval", "--model", str(tmp_path / "nope")])
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_image_timing_helper_measures_the_image_tower():
+    from vldistill.pipeline import image_ms_per_image
+    from vldistill.students import build_student
+    from vldistill.tokenization import train_wordpiece
+
+    model = build_student("test-clip", train_wordpiece(["a b c"], 50))
+    ms = image_ms_per_image(model, [Image.new("RGB", (40, 40))] * 8, batch_size=8, repeats=2)
+    assert 0 < ms < 1000
