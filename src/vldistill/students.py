@@ -83,24 +83,20 @@ def _split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
 
 
 def clip_from_config(
-    tokenizer,
-    vision: dict[str, Any],
-    text: dict[str, Any],
-    projection_dim: int,
-    preset: str,
-    image_mean=STUDENT_MEAN,
-    image_std=STUDENT_STD,
-    **overrides: Any,
+    tokenizer, vision: dict[str, Any], text: dict[str, Any], preset: str, **overrides: Any
 ) -> DualEncoder:
-    """Build a randomly initialised ``CLIPModel`` of the given tower sizes with its own image processor."""
+    """Build a randomly initialised ``CLIPModel`` of the given tower sizes with its own image processor.
+
+    ``overrides`` holds the preset's defaults merged with the user's (``projection_dim``, ``image_mean``,
+    ``image_std``, ``vision.*``, ``text.*`` and any other ``CLIPConfig`` field).
+    """
     tokenizer = _require_tokenizer(tokenizer, preset)
     v_over, t_over, top = _split_overrides(overrides)
+    image_mean, image_std = top.pop("image_mean", STUDENT_MEAN), top.pop("image_std", STUDENT_STD)
     vision = {**vision, **v_over}
     text = {**text, "vocab_size": len(tokenizer), **_special_ids(tokenizer), **t_over}
     text.setdefault("max_position_embeddings", min(getattr(tokenizer, "model_max_length", 77), 77))
-    config = CLIPConfig(
-        vision_config=vision, text_config=text, projection_dim=top.pop("projection_dim", projection_dim), **top
-    )
+    config = CLIPConfig(vision_config=vision, text_config=text, **top)
     model = CLIPModel(config)
     return DualEncoder(model, tokenizer, image_processor_for(vision["image_size"], image_mean, image_std))
 
@@ -123,9 +119,8 @@ def clip_tiny(tokenizer=None, **overrides: Any) -> DualEncoder:
         tokenizer,
         vision=_tower(96, 2, 4, image_size=32, patch_size=8),
         text=_tower(96, 2, 4),
-        projection_dim=64,
         preset="clip-tiny",
-        **overrides,
+        **{"projection_dim": 64, **overrides},
     )
 
 
@@ -136,11 +131,8 @@ def clip_ref_teacher(tokenizer=None, **overrides: Any) -> DualEncoder:
         tokenizer,
         vision=_tower(256, 4, 4, image_size=64, patch_size=16),
         text=_tower(256, 4, 4),
-        projection_dim=128,
         preset="clip-ref-teacher",
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-        **overrides,
+        **{"projection_dim": 128, "image_mean": CLIP_MEAN, "image_std": CLIP_STD, **overrides},
     )
 
 
@@ -151,9 +143,8 @@ def clip_s16(tokenizer=None, **overrides: Any) -> DualEncoder:
         tokenizer,
         vision=_tower(384, 12, 6, image_size=224, patch_size=16),
         text=_tower(384, 6, 6),
-        projection_dim=512,
         preset="clip-s16",
-        **overrides,
+        **{"projection_dim": 512, **overrides},
     )
 
 
@@ -164,32 +155,32 @@ def test_clip(tokenizer=None, **overrides: Any) -> DualEncoder:
         tokenizer,
         vision=_tower(32, 1, 2, image_size=32, patch_size=16),
         text=_tower(32, 1, 2),
-        projection_dim=16,
         preset="test-clip",
-        **overrides,
+        **{"projection_dim": 16, **overrides},
     )
 
 
-def vtde_from_configs(
-    tokenizer, vision: dict, text: dict, projection_dim: int, preset: str, **overrides
-) -> DualEncoder:
+def vtde_from_configs(tokenizer, vision: dict, text: dict, preset: str, **overrides) -> DualEncoder:
     """``VisionTextDualEncoderModel`` from a ViT config and a BERT config (random initialisation)."""
     tokenizer = _require_tokenizer(tokenizer, preset)
     v_over, t_over, top = _split_overrides(overrides)
     vision_cfg = ViTConfig(**{**vision, **v_over})
     text_cfg = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0, **{**text, **t_over})
-    config = VisionTextDualEncoderConfig.from_vision_text_configs(
-        vision_cfg, text_cfg, projection_dim=top.pop("projection_dim", projection_dim), **top
-    )
+    image_mean, image_std = top.pop("image_mean", STUDENT_MEAN), top.pop("image_std", STUDENT_STD)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(vision_cfg, text_cfg, **top)
     model = VisionTextDualEncoderModel(config=config)
-    return DualEncoder(model, tokenizer, image_processor_for(vision_cfg.image_size))
+    return DualEncoder(model, tokenizer, image_processor_for(vision_cfg.image_size, image_mean, image_std))
 
 
 @STUDENTS.register("vtde-tiny")
 def vtde_tiny(tokenizer=None, **overrides: Any) -> DualEncoder:
     """VisionTextDualEncoder of a ViT (32px/8, width 96 x 2) and a BERT (width 96 x 2); 64-d embeddings."""
     return vtde_from_configs(
-        tokenizer, _tower(96, 2, 4, image_size=32, patch_size=8), _tower(96, 2, 4), 64, "vtde-tiny", **overrides
+        tokenizer,
+        _tower(96, 2, 4, image_size=32, patch_size=8),
+        _tower(96, 2, 4),
+        "vtde-tiny",
+        **{"projection_dim": 64, **overrides},
     )
 
 
@@ -197,7 +188,11 @@ def vtde_tiny(tokenizer=None, **overrides: Any) -> DualEncoder:
 def test_vtde(tokenizer=None, **overrides: Any) -> DualEncoder:
     """Tiny VisionTextDualEncoder for tests: ViT 32px/16 width 32 x 1, BERT width 32 x 1, 16-d."""
     return vtde_from_configs(
-        tokenizer, _tower(32, 1, 2, image_size=32, patch_size=16), _tower(32, 1, 2), 16, "test-vtde", **overrides
+        tokenizer,
+        _tower(32, 1, 2, image_size=32, patch_size=16),
+        _tower(32, 1, 2),
+        "test-vtde",
+        **{"projection_dim": 16, **overrides},
     )
 
 
