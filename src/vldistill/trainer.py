@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -265,7 +266,7 @@ class Trainer:
         self.teacher_source = teacher_source or (LiveTeachers(self.teachers) if self.teachers else None)
         self.output_dir = Path(config.train.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
-        self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
+        self.accelerator = _accelerator(config.train.mixed_precision)
         self.dims = Dims(student=student.dims, teachers=tuple(t.dims for t in self.teachers))
         missing = [lang for lang in config.data.languages if lang not in getattr(train_data, "languages", [lang])]
         if missing:
@@ -303,8 +304,11 @@ class Trainer:
         return final
 
     def _prune(self, keep: int, current: str) -> None:
+        # Only complete checkpoints count (a folder without state.json is not one); leftovers of crashed writes go.
+        for tmp in self.ckpt_dir.glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
         ckpts = sorted(
-            (p for p in self.ckpt_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            (p for p in self.ckpt_dir.iterdir() if (p / "state.json").is_file() and not p.name.startswith(".")),
             key=lambda p: json.loads((p / "state.json").read_text())["global_step"],
         )
         for old in ckpts[: max(0, len(ckpts) - keep)]:
@@ -415,12 +419,13 @@ class Trainer:
                 seen += len(batch["index"])
             if cfg.train.max_grad_norm is not None:
                 acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], cfg.train.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (scheduler.step() moves on to the next)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             if done % cfg.train.log_every == 0 or done == stage.steps:
-                row = {"stage": stage.name, "stage_index": index, "step": done, "lr": scheduler.get_last_lr()[0]}
+                row = {"stage": stage.name, "stage_index": index, "step": done, "lr": lr}
                 row.update({k: round(v, 6) for k, v in parts_sum.items()})
                 row["samples_per_second"] = round(seen / max(time.perf_counter() - t0, 1e-9), 2)
                 history.append(row)
@@ -474,6 +479,21 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _accelerator(mixed_precision: str) -> Accelerator:
+    """Accelerate keeps one process-wide state; in a single process (the quickstart trains a teacher, a student
+    and a baseline in a row, maybe with different precisions) a new run may reset it. Under ``accelerate launch``
+    the state belongs to the launcher and is kept."""
+    state = AcceleratorState._shared_state
+    if (
+        state
+        and state.get("_mixed_precision") not in (None, mixed_precision)
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    ):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def _teacher_langs(teacher: Teacher, cfg: RecipeConfig) -> list[str]:
