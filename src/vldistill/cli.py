@@ -1,4 +1,4 @@
-"""The ``vldistill`` command line: quickstart, fit, eval, info.
+"""The ``vldistill`` command line: quickstart, fit, cache, eval, info.
 
 Sits on top of the library; nothing in the library imports it.
 """
@@ -32,6 +32,50 @@ def _cmd_fit(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = load_recipe(args.recipe, overrides, tiny=args.tiny)
     result = fit_recipe(cfg, resume=args.resume)
     print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace, extra: list[str]) -> int:
+    from .config import load_recipe, parse_overrides
+    from .pipeline import cache_recipe
+
+    overrides = parse_overrides(extra)
+    for flag, key in (
+        ("dtype", "cache.dtype"),
+        ("views", "cache.views"),
+        ("batch_size", "cache.batch_size"),
+        ("workers", "cache.workers"),
+        ("shard_rows", "cache.shard_rows"),
+        ("limit", "data.limit_train"),
+        ("split", "data.train_split"),
+    ):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    if args.tokens:
+        overrides["cache.tokens"] = True
+    if args.recipe:
+        if args.teacher and len(args.teacher) > 1:
+            raise ConfigError("--teacher: with a recipe, give at most one (it sets teacher.name_or_path)")
+        if args.teacher:
+            overrides["teacher.name_or_path"] = args.teacher[0]
+        if args.data:
+            overrides["data.train"] = args.data
+        cfg = load_recipe(args.recipe, overrides, tiny=args.tiny)
+    else:
+        if not args.teacher or not args.data:
+            raise ConfigError("give a recipe, or --teacher and --data (see vldistill cache --help)")
+        if not args.output:
+            raise ConfigError("--output: where to write the cache (a directory)")
+        t_langs = args.teacher_languages or ["en"]
+        raw = {
+            "name": "cache",
+            "teachers": [{"name_or_path": t, "languages": t_langs} for t in args.teacher],
+            "data": {"train": args.data, "eval": None, "languages": args.languages or t_langs},
+        }
+        cfg = load_recipe(raw=raw, overrides=overrides)
+    summary = cache_recipe(cfg, directory=args.output, rebuild=args.rebuild)
+    summary["use_with"] = {"teacher.source": "cache", "teacher.cache": summary["cache"]}
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -105,6 +149,35 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tiny", action="store_true", help="apply the recipe's tiny overrides (a run of seconds)")
     f.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
 
+    c = sub.add_parser(
+        "cache",
+        help="run a teacher once over a dataset and store its outputs, to distil from them many times",
+        description="Compute the teachers' outputs (pooled image and text embeddings; optionally token features and "
+        "K augmented views per image) for a training set once, into sharded, memory-mapped safetensors files with a "
+        "manifest. Either from a recipe (its teachers and data.train; any config key can be overridden as in fit, "
+        "e.g. --cache.views 4) or from --teacher and --data. A killed build resumes from its last complete shard. "
+        "Train from it with --teacher.source cache --teacher.cache DIR.",
+        epilog="Examples: vldistill cache dcclip --teacher openai/clip-vit-base-patch32 --output runs/cache/dcclip | "
+        "vldistill cache --teacher openai/clip-vit-base-patch32 --data train.jsonl --output runs/cache/mine "
+        "--dtype float16",
+    )
+    c.add_argument("recipe", nargs="?", help="recipe YAML or name (optional: or give --teacher and --data)")
+    c.add_argument("--teacher", action="append", help="hub id or directory of a teacher (repeat for several)")
+    c.add_argument("--data", help="training data: bundled:easyvqa, a .jsonl/.csv manifest, or hf:NAME")
+    c.add_argument("--split", default=None, help="split for hf: and bundled data (default: train)")
+    c.add_argument("--limit", type=int, default=None, help="cache only the first N training samples")
+    c.add_argument("--languages", nargs="+", default=None, help="caption languages of the data (default: teacher's)")
+    c.add_argument("--teacher-languages", nargs="+", default=None, help="languages the teacher reads (default: en)")
+    c.add_argument("--output", help="cache directory (default with a recipe: its teacher.cache)")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="storage dtype")
+    c.add_argument("--tokens", action="store_true", help="also store token features")
+    c.add_argument("--views", type=int, default=None, help="augmented views per image (default 1: none)")
+    c.add_argument("--batch-size", type=int, default=None, help="samples per teacher forward (default 256)")
+    c.add_argument("--workers", type=int, default=None, help="data-loading worker processes (default 2)")
+    c.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: about 256 MB)")
+    c.add_argument("--tiny", action="store_true", help="apply the recipe's tiny overrides")
+    c.add_argument("--rebuild", action="store_true", help="replace a cache built from other teachers/data/settings")
+
     e = sub.add_parser(
         "eval",
         help="evaluate a saved student or teacher",
@@ -128,11 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "fit":
+    if extra and not (args.command == "fit" or (args.command == "cache" and args.recipe)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "fit":
             return _cmd_fit(args, extra)
+        if args.command == "cache":
+            return _cmd_cache(args, extra)
         return {"quickstart": _cmd_quickstart, "eval": _cmd_eval, "info": _cmd_info}[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"vldistill {args.command}: error: {err}", file=sys.stderr)

@@ -40,8 +40,17 @@ class TeacherConfig:
     """Allow model code from the hub. Off unless you ask for it."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Dtype the teacher runs in."""
-    source: Literal["live"] = "live"
-    """Where teacher outputs come from: ``live`` runs the teacher on every batch."""
+    source: Literal["live", "cache"] = "live"
+    """Where teacher outputs come from: ``live`` runs the teacher on every batch; ``cache`` reads them from the
+    teacher-output cache in ``cache`` (``vldistill cache`` builds it), checked against this teacher, the data and
+    the ``cache:`` settings."""
+    cache: str | None = None
+    """Directory of the teacher-output cache (with ``source: cache``; ``vldistill cache`` writes it). Several
+    teachers share one cache directory (one set of columns each)."""
+
+    def __post_init__(self):
+        if self.source == "cache" and not self.cache:
+            raise ConfigError("cache = None: give the cache directory when source is 'cache'")
 
 
 @dataclass
@@ -182,6 +191,43 @@ class TrainConfig:
 
 
 @dataclass
+class CacheConfig:
+    """How ``vldistill cache`` builds a teacher-output cache, and what a run from it expects (``teacher.source:
+    cache`` refuses a cache built with another dtype or augmentation)."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage dtype of the cached outputs; float32 reproduces the live teacher's losses."""
+    tokens: bool = False
+    """Also store token features (turned on by itself when a loss of the recipe needs them)."""
+    views: int = 1
+    """Augmented views per image: 1 caches the image as it is; K > 1 caches K random resized crops and flips, stores
+    their parameters, and training replays the same view on the student's image."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    """Range of the area fraction a view's crop keeps (views > 1)."""
+    flip: bool = True
+    """Flip half of the views horizontally (views > 1)."""
+    seed: int = 0
+    """Seed of the views' parameters."""
+    batch_size: int = 256
+    """Samples per teacher forward while building."""
+    workers: int = 2
+    """DataLoader worker processes that load and preprocess while the teacher computes (0: in-process)."""
+    shard_rows: int | None = None
+    """Rows per shard file; ``null``: about 256 MB per shard."""
+
+    def __post_init__(self):
+        if self.views < 1:
+            raise ConfigError(f"views = {self.views}: must be at least 1")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"crop_scale = {self.crop_scale}: expected [low, high] with 0 < low <= high <= 1")
+        for key, least in (("batch_size", 1), ("workers", 0)):
+            if getattr(self, key) < least:
+                raise ConfigError(f"{key} = {getattr(self, key)}: must be at least {least}")
+        if self.shard_rows is not None and self.shard_rows < 1:
+            raise ConfigError(f"shard_rows = {self.shard_rows}: must be at least 1 (or null)")
+
+
+@dataclass
 class EvalConfig:
     """What to evaluate after training."""
 
@@ -206,6 +252,20 @@ class RecipeConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tiny: dict[str, Any] = field(default_factory=dict)
     """Overrides (dotted keys) applied by ``--tiny``: a version of the recipe that runs in seconds."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Teacher-output cache settings (building, and what a run with ``teacher.source: cache`` expects)."""
+
+    def __post_init__(self):
+        sources = {t.source for t in self.teachers}
+        if len(sources) > 1:
+            k = next(i for i, t in enumerate(self.teachers) if t.source != self.teachers[0].source)
+            raise ConfigError(
+                f"teachers.{k}.source = {self.teachers[k].source!r}: all teachers of a recipe come from one source "
+                f"(teachers.0.source is {self.teachers[0].source!r})"
+            )
+        caches = {t.cache for t in self.teachers if t.source == "cache"}
+        if len(caches) > 1:
+            raise ConfigError(f"teachers.N.cache = {sorted(caches)}: all teachers share one cache directory")
 
     @property
     def total_steps(self) -> int:

@@ -75,6 +75,12 @@ def _check_positive(key: str, value: Any, upper: float | None = None) -> float:
     return float(value)
 
 
+def _check_ratio(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ValueError(f"{key}={value!r} is not allowed; it must be a number in [0, 1)")
+    return float(value)
+
+
 def _check_bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{key}={value!r} is not allowed; it must be true or false")
@@ -246,8 +252,9 @@ class Loss(nn.Module):
     Attributes:
         needs: what the trainer must compute for this loss, a subset of :data:`NEEDS` (``"teacher"``: teacher
             outputs; ``"image_tokens"`` / ``"text_tokens"``: token features of student and teachers;
-            ``"masked_image"``: the student's masked-image embedding). A class default; a loss whose needs depend
-            on its options sets ``self.needs`` in ``__init__``.
+            ``"masked_image"``: the student's masked-image embedding; such a loss also sets ``self.mask_ratio``, the
+            fraction of patches to drop). A class default; a loss whose needs depend on its options sets
+            ``self.needs`` in ``__init__``.
     """
 
     needs: frozenset[str] = frozenset()
@@ -259,11 +266,23 @@ class Loss(nn.Module):
     def forward(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def _init_logit_scale(self, init_scale: float = DEFAULT_SCALE, learnable: bool = True) -> None:
+    def _init_logit_scale(
+        self, init_scale: float = DEFAULT_SCALE, learnable: bool = True, temperature: float | None = None
+    ) -> None:
         """Give the loss its own contrastive scale ``s = exp(log_s)``, ``log_s = log(init_scale)``.
 
-        ``log_s`` is a parameter when ``learnable``, else a buffer; either way it is saved with the loss.
+        ``log_s`` is a parameter when ``learnable``, else a buffer; either way it is saved with the loss. A
+        ``temperature`` fixes ``s = 1 / temperature`` (a buffer) and overrides ``init_scale`` and ``learnable``.
         """
+        if temperature is not None:
+            t = _check_positive("temperature", temperature)
+            if 1 / t > MAX_SCALE:
+                raise ValueError(
+                    f"temperature={temperature!r} is not allowed; it must be at least {1 / MAX_SCALE:g} "
+                    f"(a scale of at most {MAX_SCALE:g})"
+                )
+            self.register_buffer("log_s", torch.tensor(math.log(1 / t)))
+            return
         log_s = torch.tensor(math.log(_check_positive("init_scale", init_scale, upper=MAX_SCALE)))
         if _check_bool("learnable", learnable):
             self.log_s = nn.Parameter(log_s)
@@ -300,14 +319,21 @@ class ClipLoss(Loss):
         langs: caption languages to use; ``None``: every language in ``out.student.text``. Averaged.
         init_scale: initial ``s``.
         learnable: whether ``log_s`` is trained.
+        temperature: fixed temperature ``tau``: ``s = 1 / tau``, not trained (overrides ``init_scale`` and
+            ``learnable``); ``None``: the learnable scale above.
     """
 
     def __init__(
-        self, dims: Dims, langs: Sequence[str] | None = None, init_scale: float = DEFAULT_SCALE, learnable: bool = True
+        self,
+        dims: Dims,
+        langs: Sequence[str] | None = None,
+        init_scale: float = DEFAULT_SCALE,
+        learnable: bool = True,
+        temperature: float | None = None,
     ):
         super().__init__(dims)
         self.langs = None if langs is None else _check_langs("langs", langs)
-        self._init_logit_scale(init_scale, learnable)
+        self._init_logit_scale(init_scale, learnable, temperature)
 
     def forward(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         image = _normalize(_present(out.student.image, "the student image embedding"))
@@ -400,9 +426,13 @@ class FeatureDistillation(Loss):
             parts = {f"t{k}": v.detach() for k, v in zip(self.teachers, per_teacher, strict=True)}
         return loss, parts
 
+    def _student_image(self, student: Embeddings) -> Tensor:
+        """The student's pooled image feature (``mfd`` reads the masked-image one instead)."""
+        return _present(student.image, "the student image embedding")
+
     def _pooled(self, student: Embeddings, teacher: Embeddings, adapter: nn.Module, k: int) -> Tensor:
         if self.tower == "image":
-            f_s = _present(student.image, "the student image embedding")
+            f_s = self._student_image(student)
             f_t = _present(teacher.image, f"the image embedding of teacher {k}")
         else:
             f_s = _text(student, self.lang, "the student")
@@ -431,6 +461,46 @@ class FeatureDistillation(Loss):
                 if m is not None:
                     mask = m if mask is None else mask * m
         return _masked_mean(distance(adapter(f_s), f_t, self.norm), mask)
+
+
+@LOSSES.register("mfd")
+class MaskedFeatureDistillation(FeatureDistillation):
+    """Masked feature distillation: ``fd`` of the image tower where the student sees only part of the image.
+
+    ``L = mean_i d(norm(A(S_img(M_r(x_i)))), norm(T_img(x_i)))``: ``M_r`` drops a random fraction ``r`` of the
+    student's image patches before its image tower (it keeps ``[CLS]`` and ``max(1, floor(n (1 - r)))`` of its ``n``
+    patches, a fresh random subset per sample and step), ``T_img(x_i)`` is the teacher's pooled embedding of the
+    full image, both L2-normalised (the adapter ``A`` maps the student's width to the teacher's before
+    normalising), ``d`` one of :func:`distance`'s norms (``mse`` by default). Everything else is ``fd`` on pooled
+    image embeddings: several teachers each have their own adapter and are averaged. The trainer computes the
+    masked embedding (``Embeddings.image_masked``, with ``DualEncoder.encode_image_masked``) because this loss needs
+    ``"masked_image"``; the student's unmasked embedding stays available to the other terms.
+
+    Source: Yang et al. 2024, "CLIP-KD: An Empirical Study of CLIP Model Distillation" ("MFD", masked feature
+    distillation; mask ratio 0.5).
+
+    Args:
+        dims: model widths; sizes the adapters.
+        mask_ratio: fraction of the student's patches dropped, in ``[0, 1)``.
+        norm: ``"mse"``, ``"l1"``, ``"smooth_l1"`` or ``"cosine"``.
+        teacher: index of the one teacher to distil from; ``None``: every teacher, averaged.
+        adapter: ``"auto"``, ``"linear"`` or ``"none"``, as in ``fd``.
+    """
+
+    def __init__(
+        self,
+        dims: Dims,
+        mask_ratio: float = 0.5,
+        norm: str = "mse",
+        teacher: int | None = None,
+        adapter: str = "auto",
+    ):
+        super().__init__(dims, tower="image", norm=norm, level="pooled", teacher=teacher, adapter=adapter)
+        self.mask_ratio = _check_ratio("mask_ratio", mask_ratio)
+        self.needs = frozenset({"teacher", "masked_image"})
+
+    def _student_image(self, student: Embeddings) -> Tensor:
+        return _present(student.image_masked, "the student masked-image embedding (image_masked)")
 
 
 @LOSSES.register("xling")
@@ -570,6 +640,8 @@ class SoftCrossEntropyDistillation(Loss):
         teacher: index of the one teacher to use; ``None``: every teacher.
         init_scale: initial student scale.
         learnable: whether the student scale is trained.
+        temperature: fixed temperature ``tau`` for both sides, as in ``crd``: ``s_S = s_T = 1 / tau``, not trained
+            (overrides ``init_scale`` and ``learnable``); ``None``: the scales above.
     """
 
     needs = frozenset({"teacher"})
@@ -582,15 +654,19 @@ class SoftCrossEntropyDistillation(Loss):
         teacher: int | None = None,
         init_scale: float = DEFAULT_SCALE,
         learnable: bool = True,
+        temperature: float | None = None,
     ):
         super().__init__(dims)
         self.lang = _check_lang("lang", lang)
         self.teacher_lang = self.lang if teacher_lang is None else _check_lang("teacher_lang", teacher_lang)
         self.teachers = _select_teachers(dims, teacher)
-        self._init_logit_scale(init_scale, learnable)
+        self._init_logit_scale(init_scale, learnable, temperature)
+        self.teacher_scale = None if temperature is None else 1 / float(temperature)
 
     def forward(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
-        p_i2t, p_t2i = _teacher_softmax(out, self.teachers, len(self.dims.teachers), self.teacher_lang, None)
+        p_i2t, p_t2i = _teacher_softmax(
+            out, self.teachers, len(self.dims.teachers), self.teacher_lang, self.teacher_scale
+        )
         image = _normalize(_present(out.student.image, "the student image embedding"))
         text = _normalize(_text(out.student, self.lang, "the student"))
         scale = self.logit_scale()
@@ -621,6 +697,8 @@ class InteractiveContrastive(Loss):
         adapter: ``"auto"``, ``"linear"`` or ``"none"``, as in ``fd``.
         init_scale: initial ``s``.
         learnable: whether ``s`` is trained.
+        temperature: fixed temperature ``tau``: ``s = 1 / tau``, not trained (overrides ``init_scale`` and
+            ``learnable``); ``None``: the learnable scale above.
     """
 
     needs = frozenset({"teacher"})
@@ -634,6 +712,7 @@ class InteractiveContrastive(Loss):
         adapter: str = "auto",
         init_scale: float = DEFAULT_SCALE,
         learnable: bool = True,
+        temperature: float | None = None,
     ):
         super().__init__(dims)
         self.lang = _check_lang("lang", lang)
@@ -643,7 +722,7 @@ class InteractiveContrastive(Loss):
         s, ts = dims.student.embed, [dims.teachers[k].embed for k in self.teachers]
         self.image_adapters = nn.ModuleList(_make_adapter(s, t, adapter, "embedding") for t in ts)
         self.text_adapters = nn.ModuleList(_make_adapter(s, t, adapter, "embedding") for t in ts)
-        self._init_logit_scale(init_scale, learnable)
+        self._init_logit_scale(init_scale, learnable, temperature)
 
     def forward(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         image = _present(out.student.image, "the student image embedding")
@@ -733,6 +812,21 @@ class WeightedLoss(nn.Module):
             except KeyError as err:  # a label that clashes with a ModuleDict attribute, e.g. "items"
                 raise ValueError(f"term label {label!r} is not allowed: {err}") from err
             self.terms.append((label, float(weight), loss))
+
+        ratios: set[float] = set()
+        for label, _, loss in self.terms:
+            if "masked_image" in loss.needs:
+                if not isinstance(getattr(loss, "mask_ratio", None), float | int):
+                    raise ValueError(f"term {label!r} needs 'masked_image' but has no numeric mask_ratio attribute")
+                ratios.add(float(loss.mask_ratio))
+        ordered = sorted(ratios)
+        if len(ordered) > 1:
+            raise ValueError(
+                f"the terms mask the student's image with different mask_ratio values {ordered}; the trainer computes "
+                "one masked view per step, so give them the same mask_ratio"
+            )
+        self.mask_ratio: float | None = ordered[0] if ordered else None
+        """The mask ratio of the terms that need ``"masked_image"`` (``None`` when none does)."""
 
     @property
     def needs(self) -> frozenset[str]:

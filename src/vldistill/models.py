@@ -27,6 +27,8 @@ from .registry import Registry
 FAMILIES = Registry("model family")
 for _model_type in ("clip", "chinese_clip", "altclip", "siglip", "vision-text-dual-encoder"):
     FAMILIES.register(_model_type)(_model_type)
+#: Families whose vision tower :meth:`DualEncoder.encode_image_masked` can run on a subset of patches.
+MASKABLE_FAMILIES = ("clip", "chinese_clip", "altclip")
 
 
 class DualEncoder(nn.Module):
@@ -145,6 +147,58 @@ class DualEncoder(nn.Module):
         """Pooled, projected image embedding ``[B, d]`` (not normalised), and token features ``[B, n, h]``."""
         out = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self._dtype()))
         return (out.pooler_output, out.last_hidden_state) if return_tokens else out.pooler_output
+
+    def encode_image_masked(
+        self,
+        pixel_values: Tensor,
+        mask_ratio: float,
+        generator: torch.Generator | None = None,
+        return_tokens: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Pooled, projected embedding ``[B, d]`` of the image with a random fraction of its patches dropped.
+
+        For masked feature distillation (CLIP-KD "MFD"): the patch and position embeddings are computed as the
+        tower's own embedding layer does, then every sample keeps ``[CLS]`` and a random subset of
+        ``max(1, floor(n (1 - mask_ratio)))`` of its ``n`` patches (the same count for every sample, kept in their
+        original order), and only those go through ``pre_layrnorm -> encoder -> post_layernorm([CLS]) ->
+        visual_projection``. With ``mask_ratio=0`` this is exactly :meth:`encode_image`.
+
+        Implemented for the CLIP-style vision towers (``clip``, ``chinese_clip``, ``altclip``).
+
+        Args:
+            pixel_values: ``[B, 3, H, W]``, preprocessed by this model's own image processor.
+            mask_ratio: fraction of patches to drop, in ``[0, 1)``.
+            generator: random source for the kept subsets; ``None``: torch's global RNG (which the trainer's
+                checkpoints save, so a resumed run draws the same masks).
+            return_tokens: also return the last hidden states ``[B, 1 + kept, h]``.
+        """
+        if self.model_type not in MASKABLE_FAMILIES:
+            raise NotImplementedError(
+                f"masked image encoding (mfd) is implemented for the CLIP-style vision towers "
+                f"({', '.join(MASKABLE_FAMILIES)}), not for model type {self.model_type!r}"
+            )
+        if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, int | float) or not 0 <= mask_ratio < 1:
+            raise ValueError(f"mask_ratio={mask_ratio!r} is not allowed; it must be a number in [0, 1)")
+        vision = self.model.vision_model
+        emb = vision.embeddings
+        pixel_values = pixel_values.to(self.device, emb.patch_embedding.weight.dtype)
+        if pixel_values.shape[-2:] != (emb.image_size, emb.image_size):
+            raise ValueError(
+                f"input image size {tuple(pixel_values.shape[-2:])} does not match the model's "
+                f"({emb.image_size}, {emb.image_size}); preprocess with this model's image processor"
+            )
+        positions = emb.position_embedding(emb.position_ids)  # [1, 1 + n, h]
+        patches = emb.patch_embedding(pixel_values).flatten(2).transpose(1, 2) + positions[:, 1:]
+        batch, n, width = patches.shape
+        keep = max(1, int(n * (1 - mask_ratio) + 1e-9))
+        noise = torch.rand(batch, n, generator=generator, device=generator.device if generator else None)
+        kept = noise.to(patches.device).argsort(dim=1)[:, :keep].sort(dim=1).values
+        patches = patches.gather(1, kept[:, :, None].expand(-1, -1, width))
+        cls = emb.class_embedding.expand(batch, 1, -1) + positions[:, :1]
+        hidden = vision.pre_layrnorm(torch.cat([cls, patches], dim=1))
+        hidden = vision.encoder(inputs_embeds=hidden).last_hidden_state
+        pooled = self.model.visual_projection(vision.post_layernorm(hidden[:, 0]))
+        return (pooled, hidden) if return_tokens else pooled
 
     def encode_text(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, return_tokens: bool = False

@@ -17,7 +17,7 @@ from .config import ConfigError, DataConfig, RecipeConfig
 from .data.sources import LabelledData, load_data
 from .evaluation import agreement, evaluate, mean_cosine
 from .models import DualEncoder, Teacher, load_teacher
-from .trainer import FitResult, Trainer, prepare_student, prepare_teachers
+from .trainer import FitResult, TeacherSource, Trainer, prepare_student, prepare_teachers
 
 
 def load_train_data(cfg: DataConfig, seed: int = 0) -> LabelledData:
@@ -66,24 +66,40 @@ def fit_recipe(
     train_data: LabelledData | None = None,
     eval_data: LabelledData | None = None,
     evaluate_after: bool = True,
+    teacher_source: TeacherSource | None = None,
 ) -> dict[str, Any]:
     """Train a recipe end to end: data, teachers, student, stages, export, evaluation.
+
+    With ``teacher.source: cache`` the teachers' outputs come from their cache, opened and checked against the
+    recipe, the training data and (when given) the loaded ``teachers``; the teacher models are then loaded only for
+    what else needs them (a student preset built on the teacher, the evaluation's teacher comparison).
+    ``teacher_source`` replaces where teacher outputs come from altogether.
 
     Returns a JSON-able summary: output paths, wall time, the last logged losses and the evaluation metrics.
     The student is exported to ``OUTPUT_DIR/student`` in Hugging Face format.
     """
     train_data = train_data or load_train_data(cfg.data, cfg.train.seed)
-    teachers = prepare_teachers(cfg, teachers)
+    cached = any(t.source == "cache" for t in cfg.teachers)
+    if cached:
+        from .cache import open_recipe_cache
+        from .students import takes_teacher
+
+        teacher_source = teacher_source or open_recipe_cache(cfg, train_data.dataset, teachers)
+        teachers = list(teachers or [])
+        if not teachers and student is None and takes_teacher(cfg.student.preset):
+            teachers = prepare_teachers(cfg)
+    else:
+        teachers = prepare_teachers(cfg, teachers)
     if student is None:
         corpus = tokenizer_corpus(train_data, cfg.data.languages)
         if resume and (Path(cfg.train.output_dir) / "student-init").is_dir():
             student = DualEncoder.from_pretrained(Path(cfg.train.output_dir) / "student-init")
         else:
-            student = prepare_student(cfg, corpus)
+            student = prepare_student(cfg, corpus, teachers=teachers)
     init_dir = Path(cfg.train.output_dir) / "student-init"
     if not init_dir.is_dir():  # the initial student (and its trained tokenizer), so a resumed run rebuilds it exactly
         student.save_pretrained(init_dir)
-    result = Trainer(cfg, student, train_data.dataset, teachers).fit(resume=resume)
+    result = Trainer(cfg, student, train_data.dataset, teachers, teacher_source).fit(resume=resume)
     export_dir = result.output_dir / "student"
     student.save_pretrained(export_dir)
     summary: dict[str, Any] = {
@@ -98,9 +114,30 @@ def fit_recipe(
         print(train_data.dataset.summary(), flush=True)
     if evaluate_after and cfg.data.eval:
         eval_data = eval_data or load_eval_data(cfg.data, cfg.eval.languages)
+        if cached and not teachers and cfg.teachers:  # trained from a cache: load the teacher only to compare
+            teachers = prepare_teachers(cfg)
         summary["eval"] = compare(student, teachers[0] if teachers else None, eval_data, cfg.eval.languages)
         (result.output_dir / "eval.json").write_text(json.dumps(summary["eval"], indent=2, ensure_ascii=False))
     return summary
+
+
+def cache_recipe(
+    cfg: RecipeConfig,
+    directory: str | Path | None = None,
+    rebuild: bool = False,
+    teachers: Sequence[Teacher] | None = None,
+    train_data: LabelledData | None = None,
+) -> dict[str, Any]:
+    """``vldistill cache``: run the recipe's teachers once over its training data and store their outputs in
+    ``directory`` (default: the teachers' ``cache``). Resumes an interrupted build; reuses a complete one."""
+    from .cache import build_recipe_cache, recipe_cache_dir
+
+    if not cfg.teachers:
+        raise ConfigError("teachers: the recipe has no teacher whose outputs could be cached")
+    directory = recipe_cache_dir(cfg, directory)  # before loading anything: fail fast without a directory
+    train_data = train_data or load_train_data(cfg.data, cfg.train.seed)
+    teachers = prepare_teachers(cfg, teachers)
+    return build_recipe_cache(cfg, teachers, train_data.dataset, directory, rebuild=rebuild)
 
 
 def compare(
@@ -169,4 +206,12 @@ def adapted_cosine(student: DualEncoder, teacher: DualEncoder, fit_images: Seque
     return mean_cosine(student.embed_images(list(test_images)) @ adapter, teacher.embed_images(list(test_images)))
 
 
-__all__ = ["FitResult", "adapted_cosine", "compare", "evaluate_model", "fit_recipe", "image_ms_per_image"]
+__all__ = [
+    "FitResult",
+    "adapted_cosine",
+    "cache_recipe",
+    "compare",
+    "evaluate_model",
+    "fit_recipe",
+    "image_ms_per_image",
+]

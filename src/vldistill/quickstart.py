@@ -3,7 +3,8 @@
 1. builds the bundled English + Chinese dataset and trains the tokenizers (teacher: English; student: both);
 2. without ``--teacher``, trains a reference teacher CLIP on the English captions and caches it under
    ``runs/teachers/`` keyed by its config (later runs reuse it; a changed config retrains it);
-3. distils a student with at most 1/8 of the teacher's parameters with ``recipes/dcclip.yaml``;
+3. distils a student with at most 1/8 of the teacher's parameters with ``recipes/dcclip.yaml``, from a cache of the
+   teacher's outputs on the train split (built once with the teacher, then read at the speed of the student);
 4. trains the same student architecture without the teacher (contrastive loss only, same steps and batch size);
 5. evaluates teacher, student and baseline, prints a table, writes ``results.json``, saves the student in
    Hugging Face format and writes a report with a plot.
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .cache import build_recipe_cache
 from .config import LossConfig, RecipeConfig, StageConfig, load_recipe, to_dict
 from .data.sources import LabelledData, load_data
 from .evaluation import agreement, evaluate
@@ -68,8 +70,10 @@ def run_quickstart(
     else:
         t_model, t_history = reference_teacher(train, common, fast, teacher_cache or out.parent / "teachers")
 
-    # 3. distilled student
+    # 3. distilled student, from the teacher's outputs cached once for the train split
     s_cfg.teachers[0].name_or_path = teacher or "reference-teacher"
+    s_cfg.teachers[0].source, s_cfg.teachers[0].cache = "cache", str(out / "teacher-cache")
+    s_cfg.cache.workers = 0  # the bundled thumbnails preprocess faster in-process than through worker processes
     student = prepare_student(s_cfg, tokenizer=student_tok)
     if student.num_parameters() * 8 > t_model.num_parameters():
         raise ValueError(
@@ -77,6 +81,8 @@ def run_quickstart(
             f"{t_model.num_parameters():,}: choose a larger teacher or a smaller student preset"
         )
     _say(f"3/5 distil: {s_cfg.student.preset} ({student.num_parameters():,} params) with recipes/dcclip.yaml")
+    cached = build_recipe_cache(s_cfg, [t_model], train.dataset, rebuild=True)  # reused when it is up to date
+    _say(f"3/5 teacher outputs cached in {cached['cache']} ({cached['built_rows']} rows computed)")
     distill = fit_recipe(s_cfg, teachers=[t_model], student=student, train_data=train, evaluate_after=False)
     student.save_pretrained(out / "student")
 
@@ -125,7 +131,7 @@ def reference_teacher(
 ) -> tuple[Teacher, list[dict[str, Any]]]:
     """Train (or reuse) the reference teacher: a CLIP trained on the English captions only."""
     cfg = load_recipe("reference-teacher", {**common, **(FAST_TEACHER if fast else {})})
-    key_src = {k: v for k, v in to_dict(cfg).items() if k not in ("tiny",)}
+    key_src = {k: v for k, v in to_dict(cfg).items() if k not in ("tiny", "cache")}
     key_src["train"] = {k: v for k, v in key_src["train"].items() if k not in ("output_dir", "progress", "tensorboard")}
     key = hashlib.sha256(json.dumps([key_src, __version__], sort_keys=True).encode()).hexdigest()[:12]
     final = Path(cache_root) / f"reference-{key}"

@@ -11,12 +11,16 @@ one). Tiny ``test-*`` presets keep the test suite fast. Sizes are in each preset
 
 from __future__ import annotations
 
+import copy
+import inspect
 from typing import Any
 
+import torch
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
     BertConfig,
+    BertModel,
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
@@ -210,6 +214,72 @@ def vtde_from_parts(tokenizer=None, vision: str | None = None, text: str | None 
     model = VisionTextDualEncoderModel.from_vision_text_pretrained(vision, text, projection_dim=projection_dim)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer or text)
     return DualEncoder(model, tokenizer, AutoImageProcessor.from_pretrained(vision))
+
+
+#: Teacher families whose image tower a text-only student can reuse in an exported ``VisionTextDualEncoderModel``
+#: (the tower must have an ``AutoModel`` class so that ``transformers`` alone loads the export; AltCLIP's has none).
+REUSABLE_VISION_FAMILIES = ("clip", "chinese_clip", "siglip", "vision-text-dual-encoder")
+
+
+def text_student_on_teacher_vision(
+    tokenizer, teacher: DualEncoder | None, text: dict[str, Any], preset: str, **overrides: Any
+) -> DualEncoder:
+    """A new text tower (BERT) with a projection into the teacher's embedding space, next to a copy of the
+    teacher's own image tower and image projection, as one ``VisionTextDualEncoderModel``.
+
+    Its image embeddings are the teacher's (same weights, same image processor); its text embeddings have the
+    teacher's width, so a text-only loss (``xling``) trains them directly in the teacher's space and the saved model
+    is a multilingual CLIP that ``AutoModel.from_pretrained`` loads. The logit scale is the teacher's.
+    """
+    tokenizer = _require_tokenizer(tokenizer, preset)
+    if teacher is None:
+        raise ValueError(f"student preset {preset!r} reuses the teacher's image tower and needs a teacher (teacher:)")
+    if teacher.model_type not in REUSABLE_VISION_FAMILIES:
+        raise NotImplementedError(
+            f"student preset {preset!r} cannot reuse the image tower of a {teacher.model_type!r} teacher; supported: "
+            f"{', '.join(REUSABLE_VISION_FAMILIES)} (the export must load with transformers' AutoModel)"
+        )
+    v_over, t_over, top = _split_overrides(overrides)
+    if v_over or top:
+        raise ValueError(
+            f"student preset {preset!r} got options {sorted({*v_over, *top})}; it keeps the teacher's image tower and "
+            "takes only text.* overrides"
+        )
+    vision = copy.deepcopy(teacher.model.vision_model)
+    embed = teacher.dims.embed
+    text_cfg = BertConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id or 0,
+        max_position_embeddings=min(getattr(tokenizer, "model_max_length", 512), 512),
+        **{**text, **t_over},
+    )
+    log_scale = getattr(teacher.model, "logit_scale", None)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision.config,
+        text_cfg,
+        projection_dim=embed,
+        logit_scale_init_value=float(log_scale) if log_scale is not None else 2.6592,
+    )
+    model = VisionTextDualEncoderModel(config=config, vision_model=vision, text_model=BertModel(text_cfg))
+    with torch.no_grad():
+        projection = getattr(teacher.model, "visual_projection", None)
+        if projection is None:  # SigLIP: the pooled head output is the embedding
+            model.visual_projection.weight.copy_(torch.eye(embed))
+        else:
+            model.visual_projection.weight.copy_(projection.weight)
+    return DualEncoder(model, tokenizer, copy.deepcopy(teacher.image_processor))
+
+
+@STUDENTS.register("mclip-text")
+def mclip_text(tokenizer=None, teacher: DualEncoder | None = None, **overrides: Any) -> DualEncoder:
+    """Multilingual-CLIP student: the teacher's image tower unchanged + a BERT text tower (width 96 x 2) projected
+    to the teacher's embedding width (see :func:`text_student_on_teacher_vision`). Needs the recipe's teacher."""
+    return text_student_on_teacher_vision(tokenizer, teacher, _tower(96, 2, 4), "mclip-text", **overrides)
+
+
+def takes_teacher(preset: str) -> bool:
+    """Whether a registered preset builds on the recipe's (first) teacher, i.e. takes a ``teacher`` argument."""
+    return preset in STUDENTS and "teacher" in inspect.signature(STUDENTS.get(preset)).parameters
 
 
 @STUDENTS.register("pretrained")

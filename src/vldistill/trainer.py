@@ -47,21 +47,36 @@ class Collator:
     """Turns raw samples into each model's own inputs: the student and every teacher preprocess separately.
 
     Picklable (it holds processors, not models), so it runs inside DataLoader workers.
+
+    ``views`` (a teacher cache's stored augmentations, see ``vldistill.cache.ViewTable``): each sample's image is
+    first cut to the view the sampler chose for it (``sample["view"]``), so the student sees the very view whose
+    teacher outputs were cached; ``batch["views"]`` tells the cache which view to read.
     """
 
     def __init__(
-        self, student: DualEncoder, teachers: Sequence[DualEncoder], languages: Sequence[str], teacher_languages
+        self,
+        student: DualEncoder,
+        teachers: Sequence[DualEncoder],
+        languages: Sequence[str],
+        teacher_languages,
+        views=None,
     ):
         self.student = _Processor(student)
         self.teachers = [_Processor(t) for t in teachers]
         self.languages = list(languages)
         self.teacher_languages = [list(langs) for langs in teacher_languages]
+        self.views = views
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         images = [s["image"] for s in samples]
+        if self.views is not None:
+            images = [
+                self.views.apply(img, s["index"], s.get("view", 0)) for img, s in zip(images, samples, strict=True)
+            ]
         captions = {lang: [s["captions"][lang] for s in samples] for lang in self.languages}
         batch = {
             "index": torch.tensor([s["index"] for s in samples]),
+            "views": torch.tensor([s.get("view", 0) for s in samples]),
             "labels": torch.tensor([s.get("label", -1) for s in samples]),
             "groups": {lang: _groups(texts) for lang, texts in captions.items()},
             "student": self.student(images, captions, self.languages),
@@ -97,32 +112,62 @@ def _groups(texts: list[str]) -> Tensor:
 
 class StageSampler:
     """Yields the micro-batches of one stage, starting at any micro-batch: data order depends only on
-    (seed, stage, epoch), so a resumed run sees exactly the batches an uninterrupted one would."""
+    (seed, stage, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
 
-    def __init__(self, n: int, batch_size: int, seed: int, stage: int, total: int, start: int = 0):
+    With ``views = K > 1`` (a teacher cache with augmented views) it yields ``(index, view)`` pairs: sample ``i``
+    gets view ``(epoch + offset_i) % K`` with a seeded random ``offset_i``, so every view is used once per K epochs.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, stage: int, total: int, start: int = 0, views: int = 1):
         if n < batch_size:
             raise ValueError(f"the training set has {n} samples, fewer than train.batch_size = {batch_size}")
         self.n, self.batch_size, self.seed, self.stage = n, batch_size, seed, stage
         self.total, self.start = total, start
         self.per_epoch = n // batch_size
+        self.views = views
 
     def __len__(self) -> int:
         return self.total - self.start
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int]]]:
         epoch, perm = -1, None
+        if self.views > 1:
+            offsets = torch.randint(self.views, (self.n,), generator=torch.Generator().manual_seed(self.seed + 7))
+            offsets = offsets.tolist()
         for m in range(self.start, self.total):
             if m // self.per_epoch != epoch:
                 epoch = m // self.per_epoch
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stage * 10_007 + epoch)
                 perm = torch.randperm(self.n, generator=g).tolist()
             i = (m % self.per_epoch) * self.batch_size
-            yield perm[i : i + self.batch_size]
+            if self.views == 1:
+                yield perm[i : i + self.batch_size]
+            else:
+                yield [(j, (epoch + offsets[j]) % self.views) for j in perm[i : i + self.batch_size]]
+
+
+class _WithViews(torch.utils.data.Dataset):
+    """Items of ``data`` for ``(index, view)`` keys, with ``"view"`` added."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, view = key
+        return {**self.data[index], "view": view}
 
 
 # ------------------------------------------------------------------------------------------ teacher sources
 class TeacherSource(Protocol):
-    """Where teacher outputs come from. The trainer reaches teachers only through this interface."""
+    """Where teacher outputs come from. The trainer reaches teachers only through this interface.
+
+    A source may also have ``dims`` (each teacher's :class:`ModelDims`, when no teacher is loaded), ``views``
+    (stored augmentations the collator replays on the student) and ``check_needs(needs, where)`` (fails before
+    training on what it cannot give): ``vldistill.cache.CachedTeachers`` has all three.
+    """
 
     def __call__(self, batch: dict[str, Any], needs: frozenset[str]) -> list[Embeddings]: ...
 
@@ -137,11 +182,22 @@ class LiveTeachers:
         return [encode_batch(t, inputs, needs) for t, inputs in zip(self.teachers, batch["teachers"], strict=True)]
 
 
-def encode_batch(model: DualEncoder, inputs: dict[str, Any], needs: frozenset[str]) -> Embeddings:
-    """Run one model on its preprocessed batch inputs and collect what the losses need."""
+def encode_batch(
+    model: DualEncoder, inputs: dict[str, Any], needs: frozenset[str], mask_ratio: float | None = None
+) -> Embeddings:
+    """Run one model on its preprocessed batch inputs and collect what the losses need.
+
+    With ``"masked_image"`` in ``needs``, a student (not a :class:`Teacher`) also encodes its images with a random
+    ``mask_ratio`` of their patches dropped, into ``image_masked``; the masks come from torch's global RNG, which the
+    checkpoints save, so a resumed run draws the same masks.
+    """
     out = Embeddings(logit_scale=model.logit_scale())
     image = model.encode_image(inputs["pixel_values"], return_tokens="image_tokens" in needs)
     out.image, out.image_tokens = image if isinstance(image, tuple) else (image, None)
+    if "masked_image" in needs and not isinstance(model, Teacher):
+        if mask_ratio is None:
+            raise ValueError("a loss needs 'masked_image', but encode_batch got no mask_ratio")
+        out.image_masked = model.encode_image_masked(inputs["pixel_values"], mask_ratio)
     for lang, enc in inputs["text"].items():
         text = model.encode_text(enc["input_ids"], enc["attention_mask"], return_tokens="text_tokens" in needs)
         if isinstance(text, tuple):
@@ -166,7 +222,7 @@ class DistillModule(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         needs = self.loss.needs
-        student = encode_batch(self.student, batch["student"], needs)
+        student = encode_batch(self.student, batch["student"], needs, getattr(self.loss, "mask_ratio", None))
         teachers = self._teachers(batch, needs) if ("teacher" in needs and self._teachers) else []
         groups = {lang: g.to(student.image.device) for lang, g in batch["groups"].items()}
         return self.loss(StepOutputs(student=student, teachers=teachers, groups=groups))
@@ -267,13 +323,17 @@ class Trainer:
         self.output_dir = Path(config.train.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.accelerator = _accelerator(config.train.mixed_precision)
-        self.dims = Dims(student=student.dims, teachers=tuple(t.dims for t in self.teachers))
+        # a cache (or any source with ``dims``) stands in for teachers that are not loaded
+        teacher_dims = tuple(t.dims for t in self.teachers) or tuple(getattr(self.teacher_source, "dims", ()))
+        self.dims = Dims(student=student.dims, teachers=teacher_dims)
         missing = [lang for lang in config.data.languages if lang not in getattr(train_data, "languages", [lang])]
         if missing:
             raise ConfigError(f"data.languages: the training data has no captions in {missing}")
         with torch.random.fork_rng(devices=[]):  # fail now, not after the earlier stages trained
             for i, stage in enumerate(config.stages):
-                build_stage_loss(stage, self.dims, i)
+                needs = build_stage_loss(stage, self.dims, i).needs
+                if "teacher" in needs and hasattr(self.teacher_source, "check_needs"):  # e.g. token features
+                    self.teacher_source.check_needs(needs, f"stages.{i}")
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, module: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
@@ -380,15 +440,22 @@ class Trainer:
         if start_step >= stage.steps:
             return
         live = self.teachers if "teacher" in loss.needs and isinstance(self.teacher_source, LiveTeachers) else []
-        collate = Collator(self.student, live, cfg.data.languages, [_teacher_langs(t, cfg) for t in live])
+        views = getattr(self.teacher_source, "views", None) if "teacher" in loss.needs else None
+        collate = Collator(self.student, live, cfg.data.languages, [_teacher_langs(t, cfg) for t in live], views)
         ga = cfg.train.grad_accum
         sampler = StageSampler(
-            len(self.data), cfg.train.batch_size, cfg.train.seed, index, stage.steps * ga, start_step * ga
+            len(self.data),
+            cfg.train.batch_size,
+            cfg.train.seed,
+            index,
+            stage.steps * ga,
+            start_step * ga,
+            views.count if views is not None else 1,
         )
         # The loader's own generator: starting an iterator would otherwise draw from the global RNG, so a resumed run
         # (which restores the RNG before that draw) would see different dropout than an uninterrupted one.
         loader = torch.utils.data.DataLoader(
-            self.data,
+            _WithViews(self.data) if views is not None else self.data,
             batch_sampler=sampler,
             collate_fn=collate,
             num_workers=_workers(),
@@ -548,8 +615,14 @@ def prepare_teachers(cfg: RecipeConfig, loaded: Sequence[Teacher] | None = None)
     return teachers
 
 
-def prepare_student(cfg: RecipeConfig, corpus: Sequence[str] = (), tokenizer=None) -> DualEncoder:
-    """Build the student preset; trains a tokenizer on ``corpus`` when the preset needs one and none is given."""
+def prepare_student(
+    cfg: RecipeConfig, corpus: Sequence[str] = (), tokenizer=None, teachers: Sequence[DualEncoder] = ()
+) -> DualEncoder:
+    """Build the student preset; trains a tokenizer on ``corpus`` when the preset needs one and none is given.
+
+    A preset that builds on the teacher (e.g. ``mclip-text``, which reuses its image tower) gets ``teachers[0]``.
+    """
+    from .students import takes_teacher
     from .tokenization import train_wordpiece
 
     scfg = cfg.student
@@ -558,6 +631,10 @@ def prepare_student(cfg: RecipeConfig, corpus: Sequence[str] = (), tokenizer=Non
         options["name_or_path"] = scfg.name_or_path
     if scfg.preset == "vtde":
         options.update(vision=scfg.vision, text=scfg.text)
+    if takes_teacher(scfg.preset):
+        if not teachers:
+            raise ConfigError(f"student.preset: {scfg.preset!r} builds on the teacher, but none is set (teacher:)")
+        options["teacher"] = teachers[0]
     tok = tokenizer or scfg.tokenizer
     if tok is None and scfg.preset not in ("pretrained", "vtde"):
         if not corpus:

@@ -1,0 +1,60 @@
+"""The ablation benchmark's --smoke mode end to end (tiny teachers, two steps per objective, one seed): seconds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    spec = importlib.util.spec_from_file_location("vldistill_bench_ablation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_smoke_run_writes_one_entry_per_objective(tmp_path, ablation):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ablation.main(["--smoke", "--output", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    expected = ["baseline", "fd", "mfd", "crd", "icl", "soft_ce", "clipkd", "dcclip", "two_teachers"]
+    assert list(result["objectives"]) == expected
+    for name, entry in result["objectives"].items():
+        for metric in ("en_top1", "zh_top1", "r1", "agreement", "gain", "wall_seconds"):
+            assert set(entry[metric]) == {"mean", "std", "values"}, (name, metric)
+            assert len(entry[metric]["values"]) == 1 and entry[metric]["std"] == 0.0
+        for metric in ("en_top1", "zh_top1", "r1", "agreement"):
+            assert 0.0 <= entry[metric]["mean"] <= 1.0
+    assert result["objectives"]["baseline"]["gain"]["mean"] == 0.0
+    setup = result["setup"]
+    assert setup["smoke"] and setup["seeds"] == [0] and set(setup["teachers"]) == {"reference", "second"}
+    assert setup["teachers"]["reference"]["params"] != setup["teachers"]["second"]["params"]
+    table = (tmp_path / "ablation.md").read_text()
+    assert table.startswith("| objective | EN top-1 |") and all(f"| {name} |" in table for name in expected)
+    # the runs distilled: the mfd run logged its masked term, the two-teacher run one fd part per teacher
+    rows = [json.loads(x) for x in (tmp_path / "ablation/mfd/seed0/metrics.jsonl").read_text().splitlines()]
+    assert "mfd" in rows[-1]
+    rows = [json.loads(x) for x in (tmp_path / "ablation/two_teachers/seed0/metrics.jsonl").read_text().splitlines()]
+    assert {"fd_image/t0", "fd_image/t1"} <= set(rows[-1])
+
+
+def test_objective_steps_are_split_like_the_recipe(ablation, tmp_path):
+    cfg = ablation.run_config("dcclip", 200, 128, 1, tmp_path, {})
+    assert [s.steps for s in cfg.stages] == [133, 67] and cfg.train.seed == 1 and cfg.train.batch_size == 128
+    cfg = ablation.run_config("two_teachers", 200, 64, 0, tmp_path, {})
+    assert len(cfg.teachers) == 2 and cfg.total_steps == 200 and cfg.train.batch_size == 64
+    assert ablation.run_config("baseline", 10, 8, 0, tmp_path, {}).teachers == []
