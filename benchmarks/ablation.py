@@ -172,6 +172,9 @@ def run_one(
     out = Path(args.output) / "ablation" / name / f"seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     extra = {"data.limit_train": args.train_limit, "data.limit_eval": args.eval_limit}
+    # Every objective (the baseline too) gets the same student, embedding in the reference teacher's width as in the
+    # quickstart: feature terms then need no per-tower adapters (only the second teacher, narrower, gets one).
+    extra["student.overrides"] = {"projection_dim": teachers[0].dims.embed}
     cfg = run_config(name, args.steps, args.batch_size, seed, out, extra)
     start = time.perf_counter()
     student = prepare_student(cfg, tokenizer=tokenizer)  # seeded by train.seed: the same init for every objective

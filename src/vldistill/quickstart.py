@@ -74,6 +74,10 @@ def run_quickstart(
     s_cfg.teachers[0].name_or_path = teacher or "reference-teacher"
     s_cfg.teachers[0].source, s_cfg.teachers[0].cache = "cache", str(out / "teacher-cache")
     s_cfg.cache.workers = 0  # the bundled thumbnails preprocess faster in-process than through worker processes
+    # The student embeds in the teacher's width: feature distillation then needs no adapter, so stage 1 puts the
+    # student's image and text towers into one shared space (separate per-tower adapters would leave the student's
+    # own embeddings misaligned for zero-shot use). The baseline gets the same architecture.
+    s_cfg.student.overrides.setdefault("projection_dim", t_model.dims.embed)
     student = prepare_student(s_cfg, tokenizer=student_tok)
     if student.num_parameters() * 8 > t_model.num_parameters():
         raise ValueError(

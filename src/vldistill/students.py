@@ -118,10 +118,13 @@ def _tower(hidden: int, layers: int, heads: int, **extra: Any) -> dict[str, Any]
 
 @STUDENTS.register("clip-tiny")
 def clip_tiny(tokenizer=None, **overrides: Any) -> DualEncoder:
-    """The quickstart student: ViT 32px/8 width 96 x 2 layers; text width 96 x 2 layers; 64-d embeddings."""
+    """The quickstart student: ViT 32px/4 width 96 x 2 layers; text width 96 x 2 layers; 64-d embeddings.
+
+    An 8 x 8 patch grid, like its teacher's: with 8-pixel patches (4 x 4) this student could not tell the bundled
+    data's shapes apart (about 50% top-1, distilled or not)."""
     return clip_from_config(
         tokenizer,
-        vision=_tower(96, 2, 4, image_size=32, patch_size=8),
+        vision=_tower(96, 2, 4, image_size=32, patch_size=4),
         text=_tower(96, 2, 4),
         preset="clip-tiny",
         **{"projection_dim": 64, **overrides},
@@ -130,10 +133,13 @@ def clip_tiny(tokenizer=None, **overrides: Any) -> DualEncoder:
 
 @STUDENTS.register("clip-ref-teacher")
 def clip_ref_teacher(tokenizer=None, **overrides: Any) -> DualEncoder:
-    """The quickstart's reference teacher: ViT 64px/16 width 256 x 4; text width 256 x 4; 128-d; CLIP mean/std."""
+    """The quickstart's reference teacher: ViT 64px/8 width 128 x 6; text width 256 x 4; 128-d; CLIP mean/std.
+
+    An 8 x 8 patch grid: with 16-pixel patches (a 4 x 4 grid) a teacher trained as long learnt colours but only
+    64% of shapes on the bundled data, against 86% with this one."""
     return clip_from_config(
         tokenizer,
-        vision=_tower(256, 4, 4, image_size=64, patch_size=16),
+        vision=_tower(128, 6, 4, image_size=64, patch_size=8),
         text=_tower(256, 4, 4),
         preset="clip-ref-teacher",
         **{"projection_dim": 128, "image_mean": CLIP_MEAN, "image_std": CLIP_STD, **overrides},
