@@ -8,14 +8,12 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 import vldistill.cache as cache_mod
@@ -41,6 +39,8 @@ from vldistill.students import build_student, image_processor_for
 from vldistill.tokenization import train_wordpiece
 from vldistill.trainer import Collator, StageSampler, Trainer, encode_batch
 
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+
 N_TRAIN = 64
 LANGS = ["en", "zh"]
 # fd (pooled image + token-level image: token features are cached), cross-lingual text and relational distillation
@@ -60,23 +60,6 @@ SMALL = {"workers": 0, "batch_size": 8, "shard_rows": 16}
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def data() -> LabelledData:
     return load_train_data(DataConfig(train="bundled:easyvqa", eval=None, languages=LANGS, limit_train=N_TRAIN))

@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (
@@ -37,25 +35,10 @@ from vldistill.students import build_student, image_processor_for
 from vldistill.tokenization import train_wordpiece
 from vldistill.trainer import Trainer, build_stage_loss, prepare_student
 
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+
 LANGS = ["en", "zh"]
 QUIET = {"train.progress": False, "train.tensorboard": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

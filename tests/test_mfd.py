@@ -7,12 +7,11 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState
 from torch import nn
 from transformers import (
     AltCLIPConfig,
@@ -38,24 +37,9 @@ from vldistill.students import build_student
 from vldistill.tokenization import train_wordpiece
 from vldistill.trainer import Collator, Trainer, encode_batch
 
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+
 LANGS = ["en", "zh"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,13 +6,13 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
@@ -24,6 +24,8 @@ from vldistill.pipeline import fit_recipe, load_train_data, tokenizer_corpus
 from vldistill.students import build_student
 from vldistill.tokenization import train_wordpiece
 from vldistill.trainer import FitResult, StageSampler, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 N_TRAIN = 64
 LANGS = ["en", "zh"]
@@ -51,25 +53,6 @@ class Crash(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run far faster on one thread, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    """Accelerate keeps process-wide state: a second Accelerator with another mixed precision is refused."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def data() -> LabelledData:
     return load_train_data(DataConfig(train="bundled:easyvqa", eval=None, languages=LANGS, limit_train=N_TRAIN))
