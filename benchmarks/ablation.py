@@ -84,7 +84,7 @@ OBJECTIVES: dict[str, Objective] = {
     "icl": Objective("clip + icl 1 (CLIP-KD ICL)", losses=(CLIP, ICL)),
     "soft_ce": Objective("soft_ce (en) + clip (zh): recipes/openclip-distill.yaml", recipe="openclip-distill"),
     "clipkd": Objective("clip + crd 1 + icl 1 + fd 2000: recipes/clipkd.yaml", recipe="clipkd"),
-    "dcclip": Objective("fd + xling, then clip (2:1 steps): recipes/dcclip.yaml", recipe="dcclip"),
+    "dcclip": Objective("fd + xling, then clip (3:1 steps): recipes/dcclip.yaml", recipe="dcclip"),
     "two_teachers": Objective(
         "clipkd's terms averaged over two teachers (MobileCLIP-style mean)",
         losses=(CLIP, CRD, ICL, FD_IMAGE, FD_TEXT),
@@ -153,8 +153,10 @@ def _split(total: int, proportions: Sequence[int]) -> list[int]:
     """``total`` steps shared among stages in the given proportions (each stage at least one step)."""
     if total < len(proportions):
         raise ValueError(f"--steps {total} is fewer than the {len(proportions)} stages of the recipe")
-    whole = sum(proportions)
-    split = [max(1, round(total * p / whole)) for p in proportions[:-1]]
+    whole, split = sum(proportions), []
+    for i, p in enumerate(proportions[:-1]):
+        room = total - sum(split) - (len(proportions) - 1 - i)  # leave at least one step for each later stage
+        split.append(min(max(1, round(total * p / whole)), room))
     return [*split, total - sum(split)]
 
 
