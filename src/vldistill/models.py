@@ -31,6 +31,17 @@ for _model_type in ("clip", "chinese_clip", "altclip", "siglip", "vision-text-du
 MASKABLE_FAMILIES = ("clip", "chinese_clip", "altclip")
 
 
+def tokenize_texts(tokenizer, model_type: str, max_length: int, texts: Sequence[str]) -> dict[str, Tensor]:
+    """The one tokenisation rule of every model, in training batches and in evaluation alike."""
+    # SigLIP was trained with max-length padding; its pooled text token is the last position.
+    padding = "max_length" if model_type == "siglip" else True
+    enc = tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+    mask = enc.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(enc["input_ids"])
+    return {"input_ids": enc["input_ids"], "attention_mask": mask}
+
+
 class DualEncoder(nn.Module):
     """A Hugging Face CLIP-family model together with its own tokenizer and image processor.
 
@@ -132,15 +143,7 @@ class DualEncoder(nn.Module):
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"text {i} is empty or not a string: {text!r}")
-        # SigLIP was trained with max-length padding; its pooled text token is the last position.
-        padding = "max_length" if self.model_type == "siglip" else True
-        enc = self.tokenizer(
-            list(texts), padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        mask = enc.get("attention_mask")
-        if mask is None:
-            mask = torch.ones_like(enc["input_ids"])
-        return {"input_ids": enc["input_ids"], "attention_mask": mask}
+        return tokenize_texts(self.tokenizer, self.model_type, self.max_length, texts)
 
     # --------------------------------------------------------------------------------------------- encoding
     def encode_image(self, pixel_values: Tensor, return_tokens: bool = False) -> Tensor | tuple[Tensor, Tensor]:

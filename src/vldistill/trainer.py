@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RecipeConfig, StageConfig, to_dict
 from .losses import WeightedLoss, build_loss
-from .models import DualEncoder, Teacher, load_teacher
+from .models import DualEncoder, Teacher, load_teacher, tokenize_texts
 from .outputs import Dims, Embeddings, StepOutputs
 from .students import build_student
 
@@ -93,14 +93,9 @@ class _Processor:
         self.model_type, self.max_length = model.model_type, model.max_length
 
     def __call__(self, images, captions: dict[str, list[str]], languages) -> dict[str, Any]:
-        padding = "max_length" if self.model_type == "siglip" else True
-        text = {}
-        for lang in languages:
-            enc = self.tokenizer(
-                captions[lang], padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-            mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
-            text[lang] = {"input_ids": enc["input_ids"], "attention_mask": mask}
+        text = {
+            lang: tokenize_texts(self.tokenizer, self.model_type, self.max_length, captions[lang]) for lang in languages
+        }
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, "text": text}
 
