@@ -257,6 +257,30 @@ def test_every_recipe_file_is_registered() -> None:
         assert resolve_recipe_path(path) == path
 
 
+def test_the_top_level_recipes_are_the_packages_recipes() -> None:
+    top_level = Path(__file__).resolve().parents[1] / "recipes"
+    assert sorted(p.name for p in top_level.glob("*.yaml")) == [p.name for p in RECIPE_PATHS]
+    assert RECIPE_DIR.resolve() == top_level.resolve()
+
+
+def test_a_built_wheel_carries_every_recipe(tmp_path: Path) -> None:
+    """`pip install vldistill` (not only a checkout) must find `vldistill fit dcclip`: the recipes are package data."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("vldistill-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert sorted(n for n in names if n.startswith("vldistill/recipes/")) == [
+        f"vldistill/recipes/{p.name}" for p in RECIPE_PATHS
+    ]
+    for path in RECIPE_PATHS:
+        assert zipfile.ZipFile(wheel).read(f"vldistill/recipes/{path.name}") == path.read_bytes()
+
+
 def test_unknown_recipe_lists_registered_ones(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown recipe 'nope'; registered: .*dcclip"):
         load_recipe("nope")

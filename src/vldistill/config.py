@@ -477,11 +477,12 @@ def _list_item(node: list, part: str, key: str) -> Any:
 
 
 RECIPES = Registry("recipe")
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPE_DIR = Path(__file__).parent / "recipes"
+"""The package's recipes: in a source checkout a link to the top-level ``recipes/``, in a wheel a copy of it."""
 
 
 def _register_recipe_files() -> None:
-    """Every ``recipes/*.yaml`` of the source checkout is a named recipe (``vldistill fit dcclip``)."""
+    """Every ``recipes/*.yaml`` is a named recipe (``vldistill fit dcclip``), from a checkout or an installed wheel."""
     if RECIPE_DIR.is_dir():
         for path in sorted(RECIPE_DIR.glob("*.yaml")):
             RECIPES.register(path.stem)(path)
