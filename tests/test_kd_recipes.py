@@ -153,6 +153,32 @@ def test_mclip_export_evaluates_in_english_and_chinese(mclip_run):
         assert 0.0 <= metrics["retrieval"][lang]["i2t_r1"] <= 1.0
 
 
+def test_mclip_trains_from_a_teacher_cache_exactly_as_from_the_live_teacher(tmp_path, teacher_dir, mclip_run):
+    """`vldistill cache mclip` then `fit mclip --teacher.source cache`: the preset still builds on the teacher's
+    image tower (the teacher is loaded for it), and every logged loss equals the live run's."""
+    common = ["mclip", "--tiny", "--teacher", str(teacher_dir), "--train.progress", "false"]
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    assert main(["cache", *common, "--output", str(cache), "--workers", "0"]) == 0
+    args = ["fit", *common, "--output", str(out), "--teacher.source", "cache", "--teacher.cache", str(cache)]
+    assert main(args) == 0
+
+    def losses(run: Path) -> list[dict]:
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k.startswith(("step", "xling", "loss"))} for r in rows]
+
+    live, cached = losses(mclip_run), losses(out)
+    assert live and {"xling/zh", "xling/en", "loss"} <= set(live[0])
+    assert [r["step"] for r in cached] == [r["step"] for r in live]
+    for row, other in zip(live, cached, strict=True):
+        assert other.keys() == row.keys()
+        for key, value in row.items():
+            assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    test = load_data("bundled:easyvqa", "test", LANGS, limit=4).dataset
+    images = [test[i]["image"] for i in range(4)]
+    exported, teacher = DualEncoder.from_pretrained(out / "student"), load_teacher(teacher_dir)
+    torch.testing.assert_close(exported.embed_images(images), teacher.embed_images(images), rtol=0, atol=1e-6)
+
+
 def _checkpoint(run: Path) -> dict[str, torch.Tensor]:
     latest = (run / "checkpoints" / "latest").read_text().strip()
     return load_file(run / "checkpoints" / latest / "module.safetensors")
