@@ -20,34 +20,29 @@ from .models import DualEncoder, Teacher, load_teacher
 from .trainer import FitResult, TeacherSource, Trainer, prepare_student, prepare_teachers
 
 
-def load_train_data(cfg: DataConfig, seed: int = 0) -> LabelledData:
+def _load_split(cfg: DataConfig, source: str, split: str, languages: Sequence[str], limit: int | None) -> LabelledData:
+    """One split of the recipe's data, read with the data section's shared options (columns, image root, ...)."""
     return load_data(
-        cfg.train,
-        split=cfg.train_split,
-        languages=cfg.languages,
-        limit=cfg.limit_train,
+        source,
+        split=split,
+        languages=languages,
+        limit=limit,
         image_root=cfg.image_root,
         columns=cfg.columns,
         skip_bad=cfg.skip_bad,
         classnames=cfg.classnames,
         templates=cfg.templates,
     )
+
+
+def load_train_data(cfg: DataConfig) -> LabelledData:
+    return _load_split(cfg, cfg.train, cfg.train_split, cfg.languages, cfg.limit_train)
 
 
 def load_eval_data(cfg: DataConfig, languages: Sequence[str] | None = None) -> LabelledData | None:
     if not cfg.eval:
         return None
-    return load_data(
-        cfg.eval,
-        split=cfg.eval_split,
-        languages=languages or cfg.languages,
-        limit=cfg.limit_eval,
-        image_root=cfg.image_root,
-        columns=cfg.columns,
-        skip_bad=cfg.skip_bad,
-        classnames=cfg.classnames,
-        templates=cfg.templates,
-    )
+    return _load_split(cfg, cfg.eval, cfg.eval_split, languages or cfg.languages, cfg.limit_eval)
 
 
 def tokenizer_corpus(data: LabelledData, languages: Sequence[str]) -> list[str]:
@@ -78,7 +73,7 @@ def fit_recipe(
     Returns a JSON-able summary: output paths, wall time, the last logged losses and the evaluation metrics.
     The student is exported to ``OUTPUT_DIR/student`` in Hugging Face format.
     """
-    train_data = train_data or load_train_data(cfg.data, cfg.train.seed)
+    train_data = train_data or load_train_data(cfg.data)
     cached = any(t.source == "cache" for t in cfg.teachers)
     if cached:
         from .cache import open_recipe_cache
@@ -135,7 +130,7 @@ def cache_recipe(
     if not cfg.teachers:
         raise ConfigError("teachers: the recipe has no teacher whose outputs could be cached")
     directory = recipe_cache_dir(cfg, directory)  # before loading anything: fail fast without a directory
-    train_data = train_data or load_train_data(cfg.data, cfg.train.seed)
+    train_data = train_data or load_train_data(cfg.data)
     teachers = prepare_teachers(cfg, teachers)
     return build_recipe_cache(cfg, teachers, train_data.dataset, directory, rebuild=rebuild)
 

@@ -17,7 +17,7 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -479,13 +479,22 @@ def load_manifest(
 def _manifest_row(record: Mapping[str, Any] | str, where: str, root: Path) -> _Row:
     if isinstance(record, str):  # a row the reader could not parse; the string says why
         return _Row(where, problem=record)
-    row = _Row(where)
-    try:
-        key = _text_cell(record, "id", required=False)
-        row.key = key
+
+    def locate(row: _Row) -> None:
+        row.key = _text_cell(record, "id", required=False)
         image = _text_cell(record, "image", required=True)
         row.image = os.path.abspath(root / Path(image).expanduser())
-        row.key = key if key is not None else row.image
+        row.key = row.key if row.key is not None else row.image
+
+    return _parse_row(record, where, locate)
+
+
+def _parse_row(record: Mapping[str, Any], where: str, locate: Callable[[_Row], None]) -> _Row:
+    """A manifest or dataset row: ``locate`` sets its key and image (the two sources differ there); the language,
+    label and caption cells are read the same way for both. A bad cell becomes the row's ``problem``."""
+    row = _Row(where)
+    try:
+        locate(row)
         row.lang = _text_cell(record, "lang", required=False) or DEFAULT_LANG
         row.label = _parse_label(record.get("label"))
         row.caption = _caption_cell(record, row.lang)
@@ -689,19 +698,14 @@ def _hf_rows(table: Mapping[str, list[Any]], mapping: Mapping[str, str], source:
 
 
 def _hf_row(record: Mapping[str, Any], where: str, name: str, root: Path) -> _Row:
-    row = _Row(where)
-    try:
+    def locate(row: _Row) -> None:
         key = record.get("id")
         row.key = None if key is None or key == "" else str(key)
         row.image, row.data = _hf_image(record.get("image"), name, root)
         if row.key is None:
             row.key = row.image if row.data is None else f"row:{name}"
-        row.lang = _text_cell(record, "lang", required=False) or DEFAULT_LANG
-        row.label = _parse_label(record.get("label"))
-        row.caption = _caption_cell(record, row.lang)
-    except DataError as err:
-        row.problem = str(err)
-    return row
+
+    return _parse_row(record, where, locate)
 
 
 def _hf_image(value: Any, name: str, root: Path) -> tuple[str, bytes | Image.Image | None]:
