@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import vldistill.cache as cache_mod
+from helpers import assert_same_rows, read_metrics
 from vldistill.cache import (
     CachedTeachers,
     CacheError,
@@ -123,10 +124,6 @@ def subset(data: LabelledData, n: int) -> PairDataset:
     return PairDataset(ds.samples[:n], languages=ds.languages, preload=True, source=ds.source)
 
 
-def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if k != "samples_per_second"} for row in rows]
-
-
 @pytest.fixture(scope="module")
 def built(teacher: Teacher, data: LabelledData, tmp_path_factory) -> tuple[RecipeConfig, Path]:
     """A fp32 cache of ``teacher`` on the 64 samples (4 shards of 16 rows, token features included)."""
@@ -153,16 +150,9 @@ def test_fp32_cache_gives_the_live_teachers_losses(tmp_path, tokenizer, teacher_
     assert manifest["teachers"][0]["files"] and manifest["vldistill"]
     cached = fit_recipe(cfg, student=student(tokenizer), train_data=data, evaluate_after=False)
 
-    rows = [json.loads(x) for x in (Path(live["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    again = [json.loads(x) for x in (Path(cached["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(live["output_dir"])
     assert len(rows) == 4 and {"fd_image", "fd_tokens", "xling", "crd", "loss"} <= set(rows[0])
-    for row, other in zip(without_timing(rows), without_timing(again), strict=True):
-        assert row.keys() == other.keys()
-        for key, value in row.items():
-            if isinstance(value, float):
-                assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-            else:
-                assert other[key] == value
+    assert_same_rows(read_metrics(cached["output_dir"]), rows, rel=1e-4)
     a = load_file(Path(live["student_dir"]) / "model.safetensors")
     b = load_file(Path(cached["student_dir"]) / "model.safetensors")
     for name in a:

@@ -25,6 +25,7 @@ from transformers import (
     VisionTextDualEncoderModel,
 )
 
+from helpers import assert_same_rows, read_metrics
 from vldistill.cli import main
 from vldistill.config import ConfigError, DataConfig, load_recipe
 from vldistill.data.sources import load_data
@@ -162,17 +163,9 @@ def test_mclip_trains_from_a_teacher_cache_exactly_as_from_the_live_teacher(tmp_
     args = ["fit", *common, "--output", str(out), "--teacher.source", "cache", "--teacher.cache", str(cache)]
     assert main(args) == 0
 
-    def losses(run: Path) -> list[dict]:
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k.startswith(("step", "xling", "loss"))} for r in rows]
-
-    live, cached = losses(mclip_run), losses(out)
+    live = read_metrics(mclip_run)
     assert live and {"xling/zh", "xling/en", "loss"} <= set(live[0])
-    assert [r["step"] for r in cached] == [r["step"] for r in live]
-    for row, other in zip(live, cached, strict=True):
-        assert other.keys() == row.keys()
-        for key, value in row.items():
-            assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert_same_rows(read_metrics(out), live, rel=1e-4)
     test = load_data("bundled:easyvqa", "test", LANGS, limit=4).dataset
     images = [test[i]["image"] for i in range(4)]
     exported, teacher = DualEncoder.from_pretrained(out / "student"), load_teacher(teacher_dir)

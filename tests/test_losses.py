@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import T, dims, n_linear, set_linear
 from vldistill.losses import LOSSES, Loss, WeightedLoss, build_loss
-from vldistill.outputs import Dims, Embeddings, ModelDims, StepOutputs
+from vldistill.outputs import Embeddings, StepOutputs
 
 E = math.e
 CLIP_SCALE = 1 / 0.07
@@ -52,32 +53,12 @@ def n_kl(p, logits):
     return float((p * (np.log(p) - n_log_softmax(logits))).sum(axis=-1).mean())
 
 
-def n_linear(x, w, b):
-    return np.asarray(x, dtype=np.float64) @ np.asarray(w, dtype=np.float64).T + np.asarray(b, dtype=np.float64)
-
-
 def n_mse(a, b):
     return float(((np.asarray(a) - np.asarray(b)) ** 2).mean())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Builders
-
-
-def T(x, grad: bool = False) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.float32, requires_grad=grad)
-
-
-def dims(student=(2, 2, 2), *teachers) -> Dims:
-    """Dims from ``(embed, image_width, text_width)`` triples."""
-    return Dims(ModelDims(*student), tuple(ModelDims(*t) for t in teachers))
-
-
-def set_linear(layer: nn.Module, weight, bias) -> None:
-    assert isinstance(layer, nn.Linear)
-    with torch.no_grad():
-        layer.weight.copy_(T(weight))
-        layer.bias.copy_(T(bias))
 
 
 def approx(value: torch.Tensor | float, expected: float, tol: float = 1e-5) -> None:

@@ -28,10 +28,11 @@ from transformers import (
     ViTConfig,
 )
 
+from helpers import T, dims, n_linear, set_linear
 from vldistill.config import DataConfig, load_recipe
 from vldistill.losses import WeightedLoss, build_loss
 from vldistill.models import DualEncoder, as_teacher
-from vldistill.outputs import Dims, Embeddings, ModelDims, StepOutputs
+from vldistill.outputs import Embeddings, StepOutputs
 from vldistill.pipeline import load_train_data, tokenizer_corpus
 from vldistill.students import build_student
 from vldistill.tokenization import train_wordpiece
@@ -165,28 +166,9 @@ def test_unsupported_families_name_themselves(name):
 # The mfd loss: golden values (independent numpy formulas, float64)
 
 
-def T(x, grad: bool = False) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.float32, requires_grad=grad)
-
-
 def n_norm(x):
     x = np.asarray(x, dtype=np.float64)
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def n_linear(x, w, b):
-    return np.asarray(x, dtype=np.float64) @ np.asarray(w, dtype=np.float64).T + np.asarray(b, dtype=np.float64)
-
-
-def dims(student=(2, 2, 2), *teachers) -> Dims:
-    return Dims(ModelDims(*student), tuple(ModelDims(*t) for t in teachers))
-
-
-def set_linear(layer: nn.Module, weight, bias) -> None:
-    assert isinstance(layer, nn.Linear)
-    with torch.no_grad():
-        layer.weight.copy_(T(weight))
-        layer.bias.copy_(T(bias))
 
 
 SV_MASKED = [[1.0, 0.5], [-0.3, 1.2], [0.7, -0.9]]  # student (masked image), d = 2

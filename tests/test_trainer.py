@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 import vldistill.trainer as trainer_mod
+from helpers import assert_same_rows, read_metrics, without_timing
 from vldistill.config import ConfigError, DataConfig, RecipeConfig, load_recipe, to_dict
 from vldistill.data.sources import LabelledData
 from vldistill.models import DualEncoder, Teacher, as_teacher
@@ -111,28 +112,6 @@ def recipe(output_dir: Path, stages: list[dict] | None = None, teacher: bool = T
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if k != "samples_per_second"} for row in rows]
-
-
-def assert_same_rows(rows: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
-    """Same logged steps and values (up to float noise), wall-clock throughput aside."""
-    rows, expected = without_timing(rows), without_timing(expected)
-    assert len(rows) == len(expected)
-    for row, exp in zip(rows, expected, strict=True):
-        assert row.keys() == exp.keys()
-        for key, value in exp.items():
-            if isinstance(value, str):
-                assert row[key] == value
-            else:
-                assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"{key} at {exp['stage']} {exp['step']}"
 
 
 @pytest.fixture

@@ -1,0 +1,59 @@
+"""Helpers shared by several test modules: tensors and layers set by hand, and comparing logged metrics.
+
+Importable as ``helpers`` because pytest puts ``tests/`` on ``sys.path`` (no ``__init__.py``, default import mode)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vldistill.outputs import Dims, ModelDims
+
+
+def T(x, grad: bool = False) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32, requires_grad=grad)
+
+
+def n_linear(x, w, b):
+    """``x W^T + b`` in float64 numpy: the reference for an ``nn.Linear`` set with ``set_linear``."""
+    return np.asarray(x, dtype=np.float64) @ np.asarray(w, dtype=np.float64).T + np.asarray(b, dtype=np.float64)
+
+
+def dims(student=(2, 2, 2), *teachers) -> Dims:
+    """Dims from ``(embed, image_width, text_width)`` triples."""
+    return Dims(ModelDims(*student), tuple(ModelDims(*t) for t in teachers))
+
+
+def set_linear(layer: nn.Module, weight, bias) -> None:
+    assert isinstance(layer, nn.Linear)
+    with torch.no_grad():
+        layer.weight.copy_(T(weight))
+        layer.bias.copy_(T(bias))
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if k != "samples_per_second"} for row in rows]
+
+
+def assert_same_rows(rows: list[dict[str, Any]], expected: list[dict[str, Any]], rel: float = 1e-5) -> None:
+    """Same logged steps and values (up to float noise), wall-clock throughput aside."""
+    rows, expected = without_timing(rows), without_timing(expected)
+    assert len(rows) == len(expected)
+    for row, exp in zip(rows, expected, strict=True):
+        assert row.keys() == exp.keys()
+        for key, value in exp.items():
+            if isinstance(value, str):
+                assert row[key] == value
+            else:
+                assert row[key] == pytest.approx(value, rel=rel, abs=1e-6), f"{key} at {exp['stage']} {exp['step']}"
