@@ -31,7 +31,10 @@ def _cmd_fit(args: argparse.Namespace, extra: list[str]) -> int:
         overrides["train.output_dir"] = args.output
     cfg = load_recipe(args.recipe, overrides, tiny=args.tiny)
     result = fit_recipe(cfg, resume=args.resume)
-    print(json.dumps(result, indent=2, ensure_ascii=False))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # launched on several processes: print the summary once
+        print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
 

@@ -151,7 +151,9 @@ class TrainConfig:
     """Optimisation, schedule, precision, checkpoints and logging."""
 
     batch_size: int = 64
-    """Samples per optimiser step (per process, before gradient accumulation)."""
+    """Samples per micro-batch over all processes: on several processes (``accelerate launch``, ``torchrun``) it is
+    split evenly between them (give a multiple of their number), so a recipe trains the same on 1 or N devices.
+    An optimiser step takes ``grad_accum`` micro-batches."""
     lr: float = 5e-4
     """Peak learning rate (AdamW), reached after warm-up, then cosine decay to zero at the end of each stage."""
     weight_decay: float = 0.05

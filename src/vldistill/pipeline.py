@@ -71,7 +71,9 @@ def fit_recipe(
     ``teacher_source`` replaces where teacher outputs come from altogether.
 
     Returns a JSON-able summary: output paths, wall time, the last logged losses and the evaluation metrics.
-    The student is exported to ``OUTPUT_DIR/student`` in Hugging Face format.
+    The student is exported to ``OUTPUT_DIR/student`` in Hugging Face format. In a multi-process run (``accelerate
+    launch``, ``torchrun``) every process trains; only the main one exports and evaluates, the others return the
+    summary without ``eval``.
     """
     train_data = train_data or load_train_data(cfg.data)
     cached = any(t.source == "cache" for t in cfg.teachers)
@@ -91,18 +93,22 @@ def fit_recipe(
             student = DualEncoder.from_pretrained(Path(cfg.train.output_dir) / "student-init")
         else:
             student = prepare_student(cfg, corpus, teachers=teachers)
+    trainer = Trainer(cfg, student, train_data.dataset, teachers, teacher_source)
+    main = trainer.accelerator.is_main_process  # several processes: only the main one writes and evaluates
     init_dir = Path(cfg.train.output_dir) / "student-init"
-    if not init_dir.is_dir():  # the initial student (and its trained tokenizer), so a resumed run rebuilds it exactly
+    if main and not init_dir.is_dir():  # the initial student (and its trained tokenizer): a resumed run rebuilds it
         student.save_pretrained(init_dir)
-    result = Trainer(cfg, student, train_data.dataset, teachers, teacher_source).fit(resume=resume)
+    result = trainer.fit(resume=resume)
     export_dir = result.output_dir / "student"
-    student.save_pretrained(export_dir)
     summary: dict[str, Any] = {
         "output_dir": str(result.output_dir),
         "student_dir": str(export_dir),
         "wall_seconds": round(result.wall_seconds, 2),
         "final": result.history[-1] if result.history else {},
     }
+    if not main:
+        return summary
+    student.save_pretrained(export_dir)
     skipped = getattr(train_data.dataset, "skipped", 0)
     if skipped:
         summary["skipped_rows"] = skipped

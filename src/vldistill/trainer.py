@@ -1,7 +1,10 @@
 """The training program: recipes run on Hugging Face Accelerate.
 
-One process here; the same code runs unchanged under ``accelerate launch`` (each process takes its shard of every
-batch, gradients are synchronised by DDP through :class:`DistillModule`'s ``forward``).
+One process here; the same code runs unchanged under ``accelerate launch`` or ``torchrun`` on several processes.
+``train.batch_size`` is the global batch: every batch is split evenly over the processes, each process encodes its
+shard, and :class:`DistillModule` gathers the pooled embeddings of all shards (gradients flow back to each) before
+the losses, so in-batch losses (``clip``, ``crd``, ``icl``, ``soft_ce``) see the whole batch and a run on N
+processes takes the same steps as on one. Only the main process writes logs, checkpoints and exports.
 
 Per stage: a fresh AdamW over the trainable student towers and the loss modules' own parameters (adapters,
 logit scales), linear warm-up then cosine decay. Checkpoints are written atomically (to a temporary directory,
@@ -14,6 +17,7 @@ This module sits on top of the library: nothing in ``vldistill`` imports it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,13 +25,14 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DataLoaderConfiguration
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -101,8 +106,11 @@ class _Processor:
 
 
 def _groups(texts: list[str]) -> Tensor:
-    ids: dict[str, int] = {}
-    return torch.tensor([ids.setdefault(t, len(ids)) for t in texts])
+    """Caption ids that depend on the text alone (a 64-bit hash), so that the shards of one batch on several
+    processes give equal ids to equal captions when they are gathered."""
+    return torch.tensor(
+        [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True) for t in texts]
+    )
 
 
 class StageSampler:
@@ -220,7 +228,59 @@ class DistillModule(nn.Module):
         student = encode_batch(self.student, batch["student"], needs, getattr(self.loss, "mask_ratio", None))
         teachers = self._teachers(batch, needs) if ("teacher" in needs and self._teachers) else []
         groups = {lang: g.to(student.image.device) for lang, g in batch["groups"].items()}
-        return self.loss(StepOutputs(student=student, teachers=teachers, groups=groups))
+        return self.loss(gather_outputs(StepOutputs(student=student, teachers=teachers, groups=groups)))
+
+
+def gather_outputs(out: StepOutputs) -> StepOutputs:
+    """In a multi-process run, the pooled embeddings and caption groups of every process's shard, concatenated in
+    rank order: what a single process would have computed on the whole batch. The student's local part keeps its
+    gradient and the other parts send theirs back to their process (``torch.distributed.nn.all_gather``), so with
+    DDP's averaging the gradients equal a single process's. Token features stay local: the losses that read them
+    are per-sample means, which DDP's averaging over equal shards already makes global. One process: unchanged."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return out
+    if torch.distributed.get_world_size() == 1:
+        return out
+    return StepOutputs(
+        student=_gather_pooled(out.student),
+        teachers=[_gather_pooled(t) for t in out.teachers],
+        groups={lang: _all_gather(g) for lang, g in out.groups.items()},
+    )
+
+
+def _gather_pooled(emb: Embeddings) -> Embeddings:
+    return replace(
+        emb,
+        image=None if emb.image is None else _all_gather(emb.image),
+        text={lang: _all_gather(t) for lang, t in emb.text.items()},
+        image_masked=None if emb.image_masked is None else _all_gather(emb.image_masked),
+    )
+
+
+def _all_gather(x: Tensor) -> Tensor:
+    if x.requires_grad:
+        return _AllGather.apply(x)
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate equal-sized shards from all processes; backward sums the gradient over processes (each computed
+    the same loss on the whole batch) and returns this process's slice."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, x.contiguous())
+        ctx.start, ctx.stop = torch.distributed.get_rank() * x.shape[0], (torch.distributed.get_rank() + 1) * x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.start : ctx.stop]
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -230,6 +290,8 @@ class FitResult:
     output_dir: Path
     history: list[dict[str, Any]]
     wall_seconds: float
+    is_main_process: bool = True
+    """False on the other processes of a multi-process run: only the main one exports and evaluates."""
 
 
 def build_stage_loss(stage: StageConfig, dims: Dims, stage_index: int) -> WeightedLoss:
@@ -318,6 +380,12 @@ class Trainer:
         self.output_dir = Path(config.train.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.accelerator = _accelerator(config.train.mixed_precision)
+        n_proc = self.accelerator.num_processes
+        if config.train.batch_size % n_proc:
+            raise ConfigError(
+                f"train.batch_size = {config.train.batch_size}: the global batch is split evenly over the {n_proc} "
+                f"processes; give a multiple of {n_proc}"
+            )
         # a cache (or any source with ``dims``) stands in for teachers that are not loaded
         teacher_dims = tuple(t.dims for t in self.teachers) or tuple(getattr(self.teacher_source, "dims", ()))
         self.dims = Dims(student=student.dims, teachers=teacher_dims)
@@ -382,8 +450,10 @@ class Trainer:
         start_time = time.perf_counter()
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
+        main = self.accelerator.is_main_process
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
+        if main:
+            (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
         start_stage, start_step, ckpt = 0, 0, None
         if resume:
             ckpt = self.latest_checkpoint()
@@ -394,8 +464,9 @@ class Trainer:
             else:
                 self._print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from scratch")
         history = self._load_history(start_stage, start_step) if ckpt else []
-        metrics_file = open(self.output_dir / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115
-        for row in history:
+        self.accelerator.wait_for_everyone()  # every process has read the history before the main one rewrites it
+        metrics_file = open(self.output_dir / "metrics.jsonl", "w", encoding="utf-8") if main else None  # noqa: SIM115
+        for row in history if main else []:
             metrics_file.write(json.dumps(row) + "\n")
         tb = self._tensorboard()
         try:
@@ -407,11 +478,12 @@ class Trainer:
             if ckpt is not None:  # resuming a finished run: its last checkpoint holds the final student
                 self._restore_student(ckpt)
         finally:
-            metrics_file.close()
+            if metrics_file is not None:
+                metrics_file.close()
             if tb is not None:
                 tb.close()
         self.student.eval()
-        return FitResult(self.student, self.output_dir, history, time.perf_counter() - start_time)
+        return FitResult(self.student, self.output_dir, history, time.perf_counter() - start_time, main)
 
     def _run_stage(self, index, stage: StageConfig, start_step, ckpt, history, metrics_file, tb) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -488,11 +560,12 @@ class Trainer:
             done = step + 1
             if done % cfg.train.log_every == 0 or done == stage.steps:
                 row = {"stage": stage.name, "stage_index": index, "step": done, "lr": lr}
-                row.update({k: round(v, 6) for k, v in parts_sum.items()})
-                row["samples_per_second"] = round(seen / max(time.perf_counter() - t0, 1e-9), 2)
+                row.update({k: round(v, 6) for k, v in self._mean_over_processes(parts_sum).items()})
+                row["samples_per_second"] = round(seen * acc.num_processes / max(time.perf_counter() - t0, 1e-9), 2)
                 history.append(row)
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
                 if tb is not None:
                     gstep = sum(s.steps for s in cfg.stages[:index]) + done
                     for k, v in row.items():
@@ -507,7 +580,16 @@ class Trainer:
                 state = {"stage": index + 1 if last else index, "step": 0 if last else done}
                 state["global_step"] = sum(s.steps for s in cfg.stages[:index]) + done
                 self._save_checkpoint(module, optimizer, scheduler, state)
+                acc.wait_for_everyone()
         bar.close()
+
+    def _mean_over_processes(self, parts: dict[str, float]) -> dict[str, float]:
+        """The logged loss terms, averaged over processes (terms on token features are computed per shard)."""
+        if self.accelerator.num_processes == 1:
+            return parts
+        keys = list(parts)
+        values = torch.tensor([parts[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        return dict(zip(keys, self.accelerator.reduce(values, "mean").tolist(), strict=True))
 
     # ---------------------------------------------------------------------------------------------- helpers
     def _restore_student(self, ckpt: Path) -> None:
@@ -555,7 +637,11 @@ def _accelerator(mixed_precision: str) -> Accelerator:
     ):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(split_batches=True),  # train.batch_size is the global batch
+    )
 
 
 def _teacher_langs(teacher: Teacher, cfg: RecipeConfig) -> list[str]:

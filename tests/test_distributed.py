@@ -1,0 +1,102 @@
+"""Training on several processes (``torchrun``/``accelerate launch``): two CPU processes with the gloo backend.
+
+``train.batch_size`` is the global batch, split over the processes; the pooled embeddings are gathered before the
+losses, so a two-process run logs the same losses and reaches the same weights as a one-process run. Only the main
+process writes logs, checkpoints and the export. Each case launches ``torch.distributed.run`` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import assert_same_rows, read_metrics
+from vldistill.cli import main
+from vldistill.data.sources import load_data
+from vldistill.pipeline import tokenizer_corpus
+from vldistill.students import build_student
+from vldistill.tokenization import train_wordpiece
+from vldistill.trainer import _groups
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A tiny English CLIP teacher saved as a Hugging Face directory."""
+    torch.manual_seed(5)
+    data = load_data("bundled:easyvqa", "train", ["en"], limit=256)
+    tok = train_wordpiece(tokenizer_corpus(data, ["en"]), vocab_size=300)
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    build_student("test-clip", tok, projection_dim=24, **{"vision.hidden_size": 48}).save_pretrained(path)
+    return path
+
+
+def fit_args(recipe: str, teacher: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        recipe,
+        "--tiny",
+        "--teacher",
+        str(teacher),
+        "--output",
+        str(out),
+        "--train.progress",
+        "false",
+        *extra,
+    ]
+
+
+def launch(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    cmd += ["-m", "vldistill.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        if name.endswith("k_proj.bias"):  # its true gradient is 0 (softmax is shift-invariant): Adam amplifies noise
+            continue
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("recipe", ["clipkd", "dcclip"])
+def test_two_processes_train_like_one(tmp_path, teacher_dir, recipe):
+    """clipkd: in-batch losses (clip, crd, icl) and fd; dcclip: two stages, fd + xling, then clip."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(fit_args(recipe, teacher_dir, one, "--train.log_every", "2")) == 0
+    run = launch(fit_args(recipe, teacher_dir, two, "--train.log_every", "2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    expected = read_metrics(one)
+    assert len(expected) >= 3
+    assert_same_rows(read_metrics(two), expected, rel=1e-4)  # one row per logged step: the main process writes
+    assert_same_weights(two / "student", one / "student")
+    assert (two / "eval.json").is_file() and (two / "checkpoints" / "latest").is_file()
+    assert not list((two / "checkpoints").glob(".tmp-*"))
+    summaries = [line for line in run.stdout.splitlines() if line == "{"]
+    assert len(summaries) == 1, "the summary must be printed once, by the main process"
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, teacher_dir):
+    run = launch(fit_args("clipkd", teacher_dir, tmp_path / "run", "--train.batch_size", "31"))
+    assert run.returncode != 0
+    assert "train.batch_size = 31: the global batch is split evenly over the 2 processes; give a multiple of 2" in (
+        run.stderr + run.stdout
+    )
+
+
+def test_caption_groups_depend_on_the_text_alone():
+    """The shards of one batch are grouped on different processes: equal captions must get equal ids anyway."""
+    first, second = _groups(["a red circle", "a blue square", "a red circle"]), _groups(["a blue square", "x"])
+    assert first[0] == first[2] and first[0] != first[1]
+    assert second[0] == first[1] and second[1] not in first
+    assert first.dtype == torch.int64
