@@ -233,10 +233,11 @@ class DistillModule(nn.Module):
 
 def gather_outputs(out: StepOutputs) -> StepOutputs:
     """In a multi-process run, the pooled embeddings and caption groups of every process's shard, concatenated in
-    rank order: what a single process would have computed on the whole batch. The student's local part keeps its
-    gradient and the other parts send theirs back to their process (``torch.distributed.nn.all_gather``), so with
-    DDP's averaging the gradients equal a single process's. Token features stay local: the losses that read them
-    are per-sample means, which DDP's averaging over equal shards already makes global. One process: unchanged."""
+    rank order: what a single process would have computed on the whole batch. Every process computes the same loss
+    on it; the backward of the gather sums the gradients of each shard over processes and hands them to the shard's
+    own process, so after DDP's averaging the gradients equal a single process's. Token features stay local: the
+    losses that read them are per-sample means, which DDP's averaging over equal shards makes global. One process:
+    unchanged."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return out
     if torch.distributed.get_world_size() == 1:
