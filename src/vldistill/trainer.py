@@ -235,9 +235,10 @@ def gather_outputs(out: StepOutputs) -> StepOutputs:
     """In a multi-process run, the pooled embeddings and caption groups of every process's shard, concatenated in
     rank order: what a single process would have computed on the whole batch. Every process computes the same loss
     on it; the backward of the gather sums the gradients of each shard over processes and hands them to the shard's
-    own process, so after DDP's averaging the gradients equal a single process's. Token features stay local: the
-    losses that read them are per-sample means, which DDP's averaging over equal shards makes global. One process:
-    unchanged."""
+    own process, so after DDP's averaging the gradients equal a single process's. Token features stay local (their
+    lengths differ between shards): token-level ``fd`` becomes the mean of the shards' means, which equals the
+    whole batch's for image tokens; for text tokens, whose padding is masked, the shards' token counts may differ, so
+    it is close to the single-process value but not exact. One process: unchanged."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return out
     if torch.distributed.get_world_size() == 1:
