@@ -7,6 +7,7 @@ process writes logs, checkpoints and the export. Each case launches ``torch.dist
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,31 @@ def test_two_processes_train_like_one(tmp_path, teacher_dir, recipe):
     assert not list((two / "checkpoints").glob(".tmp-*"))
     summaries = [line for line in run.stdout.splitlines() if line == "{"]
     assert len(summaries) == 1, "the summary must be printed once, by the main process"
+
+
+def test_a_two_process_run_resumes_from_a_checkpoint_of_the_main_process(tmp_path, teacher_dir):
+    """Checkpoints every 2 steps; take the run back to step 2 (as a crash would leave it) and resume on 2 processes:
+    the same logged losses and weights as the uninterrupted run."""
+    out = tmp_path / "run"
+    args = fit_args("clipkd", teacher_dir, out, "--train.log_every", "1", "--train.checkpoint_every", "2")
+    args += ["--train.keep_checkpoints", "5"]
+    run = launch(args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    uninterrupted, final = read_metrics(out), load_file(out / "student" / "model.safetensors")
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "stage0-step2", "stage0-step4", "stage1-step0"]
+    for later in ("stage0-step4", "stage1-step0"):
+        shutil.rmtree(ckpts / later)
+    (ckpts / "latest").write_text("stage0-step2")
+
+    run = launch([*args, "--resume"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resuming from" in run.stdout and "(stage 0, step 2)" in run.stdout
+    assert_same_rows(read_metrics(out), uninterrupted, rel=1e-4)
+    resumed = load_file(out / "student" / "model.safetensors")
+    for name, value in final.items():
+        if not name.endswith("k_proj.bias"):
+            torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=2e-5, msg=name)
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, teacher_dir):
