@@ -472,6 +472,15 @@ def test_cli_cache_from_teacher_and_data(teacher_dir, tmp_path, capsys):
     assert exit_info.value.code == 0 and "usage: vldistill cache" in capsys.readouterr().out
 
 
+def test_cli_cache_refuses_to_run_on_several_processes(teacher_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "c"
+    args = ["cache", "--teacher", str(teacher_dir), "--data", "bundled:easyvqa", "--limit", "16", "--output", str(out)]
+    assert main(args) == 2
+    assert "vldistill cache runs on one process, but this is one of 2 (WORLD_SIZE)" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_build_cache_needs_one_identity_per_teacher(teacher, data, tmp_path):
     with pytest.raises(ValueError, match="one identity"):
         build_cache(tmp_path, [teacher], subset(data, 8), [["en"]], identities=[], options=CacheConfig(workers=0))

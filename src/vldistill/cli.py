@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,11 @@ def _cmd_cache(args: argparse.Namespace, extra: list[str]) -> int:
     from .config import load_recipe, parse_overrides
     from .pipeline import cache_recipe
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would write the same shards
+        raise ConfigError(
+            f"vldistill cache runs on one process, but this is one of {os.environ['WORLD_SIZE']} (WORLD_SIZE): "
+            "run it without torchrun / accelerate launch (it uses --workers data-loading processes itself)"
+        )
     overrides = parse_overrides(extra)
     for flag, key in (
         ("dtype", "cache.dtype"),
