@@ -11,18 +11,22 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from helpers import assert_same_rows, read_metrics
 from vldistill.cli import main
+from vldistill.config import ConfigError, load_recipe
 from vldistill.data.sources import load_data
+from vldistill.models import load_teacher
 from vldistill.pipeline import tokenizer_corpus
 from vldistill.students import build_student
 from vldistill.tokenization import train_wordpiece
-from vldistill.trainer import _groups
+from vldistill.trainer import Trainer, _groups
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
@@ -69,12 +73,18 @@ def assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=2e-5, msg=name)
 
 
-@pytest.mark.parametrize("recipe", ["clipkd", "dcclip"])
-def test_two_processes_train_like_one(tmp_path, teacher_dir, recipe):
-    """clipkd: in-batch losses (clip, crd, icl) and fd; dcclip: two stages, fd + xling, then clip."""
+MFD = ["--stages.0.losses", "[{name: clip, langs: [en]}, {name: mfd, weight: 100.0}]"]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "extra"), [("clipkd", []), ("dcclip", []), ("clipkd", MFD)], ids=["clipkd", "dcclip", "mfd"]
+)
+def test_two_processes_train_like_one(tmp_path, teacher_dir, recipe, extra):
+    """clipkd: in-batch losses (clip, crd, icl) and fd; dcclip: two stages, fd + xling, then clip; mfd: random
+    patch masks, which each process must draw for its own shard."""
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(fit_args(recipe, teacher_dir, one, "--train.log_every", "2")) == 0
-    run = launch(fit_args(recipe, teacher_dir, two, "--train.log_every", "2"))
+    assert main(fit_args(recipe, teacher_dir, one, "--train.log_every", "2", *extra)) == 0
+    run = launch(fit_args(recipe, teacher_dir, two, "--train.log_every", "2", *extra))
     assert run.returncode == 0, run.stderr[-3000:]
 
     expected = read_metrics(one)
@@ -126,3 +136,31 @@ def test_caption_groups_depend_on_the_text_alone():
     assert first[0] == first[2] and first[0] != first[1]
     assert second[0] == first[1] and second[1] not in first
     assert first.dtype == torch.int64
+
+
+def _trainer_with(monkeypatch, tmp_path, teacher_dir, **accelerator):
+    """A Trainer whose Accelerator is replaced by a stand-in (``device``, ``num_processes``, ``distributed_type``)."""
+    import vldistill.trainer as trainer_mod
+
+    fake = SimpleNamespace(**{"distributed_type": DistributedType.NO, "num_processes": 1, **accelerator})
+    fake.device = torch.device(fake.device) if hasattr(fake, "device") else torch.device("cpu")
+    monkeypatch.setattr(trainer_mod, "_accelerator", lambda mixed_precision: fake)
+    cfg = load_recipe("clipkd", {"teacher.name_or_path": str(teacher_dir), "train.output_dir": str(tmp_path)}, True)
+    data = load_data("bundled:easyvqa", "train", ["en", "zh"], limit=32)
+    teacher = load_teacher(teacher_dir)
+    student = build_student("test-clip", train_wordpiece(tokenizer_corpus(data, ["en", "zh"]), vocab_size=300))
+    return Trainer(cfg, student, data.dataset, [teacher]), teacher
+
+
+def test_live_teachers_are_placed_on_the_processs_device(monkeypatch, tmp_path, teacher_dir):
+    """The teacher is not part of the prepared module, so Accelerate does not move it: the trainer does (a GPU in
+    practice; the meta device stands in for one here)."""
+    trainer, teacher = _trainer_with(monkeypatch, tmp_path, teacher_dir, device="meta")
+    assert {p.device.type for p in teacher.parameters()} == {"meta"}
+    assert trainer.teachers[0] is teacher
+
+
+@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED])
+def test_sharded_accelerate_configs_are_refused(monkeypatch, tmp_path, teacher_dir, kind):
+    with pytest.raises(ConfigError, match=f"accelerate is configured for {kind.value}; vldistill trains with data"):
+        _trainer_with(monkeypatch, tmp_path, teacher_dir, distributed_type=kind, num_processes=2)

@@ -142,6 +142,23 @@ def test_masked_output_depends_on_the_mask_and_is_reproducible(maskable):
     assert torch.equal(g1, maskable.encode_image_masked(x, 0.5))
 
 
+@torch.no_grad()
+def test_shards_of_a_batch_get_the_masks_of_the_whole_batch(maskable):
+    """Processes that share a seed each encode their shard with ``shard=(r, N)``: together they draw the masks one
+    process draws for the whole batch, not N copies of the same masks."""
+    x = _pixels(4)
+    whole = maskable.encode_image_masked(x, 0.5, generator=torch.Generator().manual_seed(9))
+    shards = [
+        maskable.encode_image_masked(
+            x[2 * r : 2 * r + 2], 0.5, generator=torch.Generator().manual_seed(9), shard=(r, 2)
+        )
+        for r in range(2)
+    ]
+    torch.testing.assert_close(torch.cat(shards), whole, rtol=1e-5, atol=1e-6)
+    same_noise = maskable.encode_image_masked(x[2:], 0.5, generator=torch.Generator().manual_seed(9))
+    assert not torch.allclose(same_noise, shards[1])  # without shard=, shard 1 would reuse shard 0's masks
+
+
 def test_masked_encoding_has_gradients_and_checks_its_inputs():
     enc = _family("clip")
     loss = enc.encode_image_masked(_pixels(), 0.5).sum()

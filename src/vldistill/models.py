@@ -157,6 +157,7 @@ class DualEncoder(nn.Module):
         mask_ratio: float,
         generator: torch.Generator | None = None,
         return_tokens: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Pooled, projected embedding ``[B, d]`` of the image with a random fraction of its patches dropped.
 
@@ -174,6 +175,9 @@ class DualEncoder(nn.Module):
             generator: random source for the kept subsets; ``None``: torch's global RNG (which the trainer's
                 checkpoints save, so a resumed run draws the same masks).
             return_tokens: also return the last hidden states ``[B, 1 + kept, h]``.
+            shard: ``(r, N)`` when this batch is shard ``r`` of ``N`` equal shards of one batch (one per process):
+                the noise is drawn for all ``N * B`` rows and shard ``r``'s rows are used, so ``N`` processes that
+                share a seed draw different masks for their shards, the very masks one process would draw.
         """
         if self.model_type not in MASKABLE_FAMILIES:
             raise NotImplementedError(
@@ -194,7 +198,9 @@ class DualEncoder(nn.Module):
         patches = emb.patch_embedding(pixel_values).flatten(2).transpose(1, 2) + positions[:, 1:]
         batch, n, width = patches.shape
         keep = max(1, int(n * (1 - mask_ratio) + 1e-9))
-        noise = torch.rand(batch, n, generator=generator, device=generator.device if generator else None)
+        rank, shards = shard
+        noise = torch.rand(shards * batch, n, generator=generator, device=generator.device if generator else None)
+        noise = noise[rank * batch : (rank + 1) * batch]
         kept = noise.to(patches.device).argsort(dim=1)[:, :keep].sort(dim=1).values
         patches = patches.gather(1, kept[:, :, None].expand(-1, -1, width))
         cls = emb.class_embedding.expand(batch, 1, -1) + positions[:, :1]

@@ -4,7 +4,8 @@ One process here; the same code runs unchanged under ``accelerate launch`` or ``
 ``train.batch_size`` is the global batch: every batch is split evenly over the processes, each process encodes its
 shard, and :class:`DistillModule` gathers the pooled embeddings of all shards (gradients flow back to each) before
 the losses, so in-batch losses (``clip``, ``crd``, ``icl``, ``soft_ce``) see the whole batch and a run on N
-processes takes the same steps as on one. Only the main process writes logs, checkpoints and exports.
+processes takes the same steps as on one (``mfd``'s patch masks are drawn for the whole batch too). Teachers are
+placed on each process's device. Only the main process writes logs, checkpoints and exports.
 
 Per stage: a fresh AdamW over the trainable student towers and the loss modules' own parameters (adapters,
 logit scales), linear warm-up then cosine decay. Checkpoints are written atomically (to a temporary directory,
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedType
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -200,7 +201,7 @@ def encode_batch(
     if "masked_image" in needs and not isinstance(model, Teacher):
         if mask_ratio is None:
             raise ValueError("a loss needs 'masked_image', but encode_batch got no mask_ratio")
-        out.image_masked = model.encode_image_masked(inputs["pixel_values"], mask_ratio)
+        out.image_masked = model.encode_image_masked(inputs["pixel_values"], mask_ratio, shard=_process_shard())
     for lang, enc in inputs["text"].items():
         text = model.encode_text(enc["input_ids"], enc["attention_mask"], return_tokens="text_tokens" in needs)
         if isinstance(text, tuple):
@@ -231,6 +232,13 @@ class DistillModule(nn.Module):
         return self.loss(gather_outputs(StepOutputs(student=student, teachers=teachers, groups=groups)))
 
 
+def _process_shard() -> tuple[int, int]:
+    """``(rank, world size)`` of this process in a multi-process run, ``(0, 1)`` otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def gather_outputs(out: StepOutputs) -> StepOutputs:
     """In a multi-process run, the pooled embeddings and caption groups of every process's shard, concatenated in
     rank order: what a single process would have computed on the whole batch. Every process computes the same loss
@@ -239,9 +247,7 @@ def gather_outputs(out: StepOutputs) -> StepOutputs:
     lengths differ between shards): token-level ``fd`` becomes the mean of the shards' means, which equals the
     whole batch's for image tokens; for text tokens, whose padding is masked, the shards' token counts may differ, so
     it is close to the single-process value but not exact. One process: unchanged."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return out
-    if torch.distributed.get_world_size() == 1:
+    if _process_shard()[1] == 1:
         return out
     return StepOutputs(
         student=_gather_pooled(out.student),
@@ -382,6 +388,14 @@ class Trainer:
         self.output_dir = Path(config.train.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.accelerator = _accelerator(config.train.mixed_precision)
+        kind = self.accelerator.distributed_type
+        if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+            raise ConfigError(
+                f"accelerate is configured for {kind.value}; vldistill trains with data parallelism (DDP) only: "
+                "launch with a plain multi-GPU or multi-CPU accelerate config, or with torchrun"
+            )
+        for teacher in self.teachers:  # frozen, not part of the prepared module: placed here, on this process's device
+            teacher.to(self.accelerator.device)
         n_proc = self.accelerator.num_processes
         if config.train.batch_size % n_proc:
             raise ConfigError(
@@ -416,7 +430,8 @@ class Trainer:
         save_file(_untie(weights), tmp / "module.safetensors")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+            # this process's device; every process's generator is in the same state (same seed, same draws)
+            rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "optim.pt"
         )
@@ -624,7 +639,8 @@ class Trainer:
 def _set_rng_state(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        cuda = rng["cuda"]
+        torch.cuda.set_rng_state_all(cuda) if isinstance(cuda, list) else torch.cuda.set_rng_state(cuda)
 
 
 def _accelerator(mixed_precision: str) -> Accelerator:
