@@ -138,3 +138,14 @@ def test_image_timing_helper_measures_the_image_tower():
     model = build_student("test-clip", train_wordpiece(["a b c"], 50))
     ms = image_ms_per_image(model, [Image.new("RGB", (40, 40))] * 8, batch_size=8, repeats=2)
     assert 0 < ms < 1000
+
+
+@pytest.mark.parametrize("command", [["quickstart", "--fast"], ["eval", "--model", "runs/quickstart/student"]])
+def test_single_process_commands_refuse_to_run_on_several(command, tmp_path, monkeypatch, capsys):
+    """Under torchrun every process would do, and write, the same work: only `fit` trains on several processes."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"vldistill {command[0]} runs on one process, but this is one of 4 (WORLD_SIZE)" in err
+    assert not list(tmp_path.iterdir())

@@ -43,11 +43,6 @@ def _cmd_cache(args: argparse.Namespace, extra: list[str]) -> int:
     from .config import load_recipe, parse_overrides
     from .pipeline import cache_recipe
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would write the same shards
-        raise ConfigError(
-            f"vldistill cache runs on one process, but this is one of {os.environ['WORLD_SIZE']} (WORLD_SIZE): "
-            "run it without torchrun / accelerate launch (it uses --workers data-loading processes itself)"
-        )
     overrides = parse_overrides(extra)
     for flag, key in (
         ("dtype", "cache.dtype"),
@@ -207,12 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_process(command: str) -> None:
+    """Only ``fit`` trains on several processes; the other commands would each do (and write) the same work."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(
+            f"vldistill {command} runs on one process, but this is one of {world} (WORLD_SIZE): run it without "
+            "torchrun / accelerate launch (only vldistill fit trains on several processes)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not (args.command == "fit" or (args.command == "cache" and args.recipe)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command in ("quickstart", "cache", "eval"):
+            _one_process(args.command)
         if args.command == "fit":
             return _cmd_fit(args, extra)
         if args.command == "cache":

@@ -6,6 +6,8 @@ Sits on top of the library (the CLI and the quickstart call it); nothing in the 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,7 +99,8 @@ def fit_recipe(
     main = trainer.accelerator.is_main_process  # several processes: only the main one writes and evaluates
     init_dir = Path(cfg.train.output_dir) / "student-init"
     if main and not init_dir.is_dir():  # the initial student (and its trained tokenizer): a resumed run rebuilds it
-        student.save_pretrained(init_dir)
+        _save_atomically(student, init_dir)  # other processes of a resumed run may look for it meanwhile
+    trainer.accelerator.wait_for_everyone()
     result = trainer.fit(resume=resume)
     export_dir = result.output_dir / "student"
     summary: dict[str, Any] = {
@@ -120,6 +123,14 @@ def fit_recipe(
         summary["eval"] = compare(student, teachers[0] if teachers else None, eval_data, cfg.eval.languages)
         (result.output_dir / "eval.json").write_text(json.dumps(summary["eval"], indent=2, ensure_ascii=False))
     return summary
+
+
+def _save_atomically(model: DualEncoder, directory: Path) -> None:
+    """``save_pretrained`` into a temporary sibling, then rename: readers see no directory or a complete one."""
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    os.replace(tmp, directory)
 
 
 def cache_recipe(
