@@ -281,6 +281,35 @@ def test_a_built_wheel_carries_every_recipe(tmp_path: Path) -> None:
         assert zipfile.ZipFile(wheel).read(f"vldistill/recipes/{path.name}") == path.read_bytes()
 
 
+def test_a_checkout_without_symbolic_links_still_finds_the_recipes(tmp_path: Path) -> None:
+    """`git -c core.symlinks=false clone` writes src/vldistill/recipes as a text file holding the link's target."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "src" / "vldistill", tmp_path / "src" / "vldistill", symlinks=True)
+    link = tmp_path / "src" / "vldistill" / "recipes"
+    link.unlink()
+    link.write_text("../../recipes")
+    shutil.copytree(root / "recipes", tmp_path / "recipes")
+    code = "from vldistill.config import RECIPES, RECIPE_DIR; print(RECIPE_DIR); print(' '.join(RECIPES.names()))"
+    env = {"PYTHONPATH": str(tmp_path / "src"), "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    directory, names = out.splitlines()
+    assert Path(directory) == tmp_path / "recipes"
+    assert names.split() == [p.stem for p in RECIPE_PATHS]
+
+
+def test_no_recipes_at_all_is_said_plainly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vldistill.config as config_mod
+    from vldistill.registry import Registry
+
+    monkeypatch.setattr(config_mod, "RECIPES", Registry("recipe"))
+    with pytest.raises(ConfigError, match=r"unknown recipe 'dcclip': no recipes were found in .*give the path"):
+        load_recipe("dcclip")
+
+
 def test_unknown_recipe_lists_registered_ones(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown recipe 'nope'; registered: .*dcclip"):
         load_recipe("nope")

@@ -480,7 +480,11 @@ def _list_item(node: list, part: str, key: str) -> Any:
 
 RECIPES = Registry("recipe")
 RECIPE_DIR = Path(__file__).parent / "recipes"
-"""The package's recipes: in a source checkout a link to the top-level ``recipes/``, in a wheel a copy of it."""
+"""The package's recipes: in a source checkout a link to the top-level ``recipes/``, in a wheel a copy of it. In a
+checkout made without symbolic links (``git -c core.symlinks=false``) the link is a plain file: then the checkout's
+top-level ``recipes/``."""
+if not RECIPE_DIR.is_dir():
+    RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def _register_recipe_files() -> None:
@@ -500,6 +504,11 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
         return path
+    if not RECIPES.names():
+        raise ConfigError(
+            f"unknown recipe {str(name_or_path)!r}: no recipes were found in {RECIPE_DIR} (is vldistill "
+            "installed from a complete checkout or wheel?); give the path of a recipe YAML file"
+        )
     try:
         return RECIPES.get(str(name_or_path))
     except KeyError as err:
