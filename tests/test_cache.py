@@ -370,6 +370,113 @@ def test_several_teachers_share_one_cache(tokenizer, teacher, data, tmp_path):
     assert {"fd_image/t0", "fd_image/t1"} <= set(result.history[-1])
 
 
+def _two_teacher_recipe(tmp_path: Path, directory: Path, order=("teacher", "narrow")) -> RecipeConfig:
+    cfg = recipe(tmp_path, directory)
+    first = cfg.teachers[0]
+    cfg.teachers = []
+    for name in order:
+        t = copy.deepcopy(first)
+        t.name_or_path, t.languages = name, (["en"] if name == "teacher" else ["en", "zh"])
+        cfg.teachers.append(t)
+    return cfg
+
+
+def _narrow(tokenizer) -> Teacher:
+    torch.manual_seed(1)
+    return as_teacher(build_student("test-clip", tokenizer, projection_dim=12), ["en", "zh"])
+
+
+def _assert_serves_live_outputs(cfg, teachers, ds) -> None:
+    source = open_recipe_cache(cfg, ds, teachers)
+    batch = Collator(teachers[0], teachers, LANGS, [t.languages for t in teachers])([ds[i] for i in range(0, 32, 3)])
+    for t, inputs, out in zip(teachers, batch["teachers"], source(batch, frozenset({"teacher"})), strict=True):
+        live = encode_batch(t, inputs, frozenset({"teacher"}))
+        torch.testing.assert_close(out.image, live.image)
+        assert out.text.keys() == live.text.keys()
+        for lang in live.text:
+            torch.testing.assert_close(out.text[lang], live.text[lang])
+    assert source.dims == tuple(t.dims for t in teachers)
+
+
+def test_a_teacher_is_added_to_a_complete_cache_without_running_the_cached_one(
+    tokenizer, teacher, data, tmp_path, monkeypatch
+):
+    ds, directory, narrow = subset(data, 32), tmp_path / "c", _narrow(tokenizer)
+    build_recipe_cache(recipe(tmp_path, directory), [teacher], ds, progress=False)
+    before = load_file(directory / "shard-00001.safetensors")
+
+    ran = []
+    real = cache_mod.encode_batch
+    monkeypatch.setattr(cache_mod, "encode_batch", lambda t, *a, **k: ran.append(t) or real(t, *a, **k))
+    cfg = _two_teacher_recipe(tmp_path, directory, order=("narrow", "teacher"))  # any order: matched by identity
+    summary = build_recipe_cache(cfg, [narrow, teacher], ds, progress=False)
+    assert ran and all(t is narrow for t in ran)  # only the new teacher ran
+    assert summary["complete"] and summary["built_rows"] == 32 and summary["teachers"] == ["teacher", "narrow"]
+    after = load_file(directory / "shard-00001.safetensors")
+    for name, value in before.items():  # the cached teacher's columns are kept as they were
+        if name != "row_key":  # the new teacher reads Chinese: the row digests now cover Chinese captions too
+            assert torch.equal(after[name], value), name
+    assert {"t1.image", "t1.text.en", "t1.text.zh", "t1.image_tokens"} <= set(after)
+    manifest = read_manifest(directory)
+    assert "extending" not in manifest and manifest["dataset"]["languages"] == ["en", "zh"]
+    assert manifest["dataset"]["fingerprint"] == cache_mod.fingerprint(cache_mod.dataset_digests(ds, ["en", "zh"]))
+
+    _assert_serves_live_outputs(cfg, [narrow, teacher], ds)
+    _assert_serves_live_outputs(_two_teacher_recipe(tmp_path, directory), [teacher, narrow], ds)
+    again = build_recipe_cache(_two_teacher_recipe(tmp_path, directory), [teacher, narrow], ds, progress=False)
+    assert again["built_rows"] == 0  # it holds both: reused
+
+
+def test_a_teacher_added_to_a_cache_of_views_is_run_on_the_stored_views(tokenizer, teacher, data, tmp_path):
+    ds, directory, narrow = subset(data, 16), tmp_path / "c", _narrow(tokenizer)
+    build_recipe_cache(recipe(tmp_path, directory, views=3), [teacher], ds, progress=False)
+    cfg = _two_teacher_recipe(tmp_path, directory)
+    cfg.cache.views = 3
+    build_recipe_cache(cfg, [teacher, narrow], ds, progress=False)
+    source = open_recipe_cache(cfg, ds, [teacher, narrow])
+    samples = [{**ds[i], "view": v} for i, v in ((4, 2), (7, 0), (11, 1))]
+    batch = Collator(teacher, [], LANGS, [], views=source.views)(samples)
+    _, cached = source(batch, frozenset({"teacher"}))
+    images = [apply_view(s["image"], source.views.params[s["index"], s["view"]]) for s in samples]
+    torch.testing.assert_close(cached.image, narrow.encode_image(narrow.preprocess_images(images)))
+
+
+def test_an_interrupted_addition_is_never_used_and_resumes(tokenizer, teacher, data, tmp_path, monkeypatch):
+    ds, directory, narrow = subset(data, 48), tmp_path / "c", _narrow(tokenizer)
+    build_recipe_cache(recipe(tmp_path, directory), [teacher], ds, progress=False)
+    cfg = _two_teacher_recipe(tmp_path, directory)
+    real = cache_mod._add_columns
+
+    def killed_at_shard_1(directory, manifest, index, tensors):
+        if index == 1:
+            raise KeyboardInterrupt
+        real(directory, manifest, index, tensors)
+
+    monkeypatch.setattr(cache_mod, "_add_columns", killed_at_shard_1)
+    with pytest.raises(KeyboardInterrupt):
+        build_recipe_cache(cfg, [teacher, narrow], ds, progress=False)
+    monkeypatch.setattr(cache_mod, "_add_columns", real)
+    manifest = read_manifest(directory)
+    assert manifest["extending"] == {"from_teacher": 1, "shards_done": 1} and not manifest["complete"]
+    with pytest.raises(CacheError, match=r"adding the teachers \['narrow'\] to it was interrupted"):
+        open_recipe_cache(cfg, ds, [teacher, narrow])
+    with pytest.raises(CacheError, match=r"adding the teachers \['narrow'\] to this cache was interrupted"):
+        build_recipe_cache(recipe(tmp_path, directory), [teacher], ds, progress=False)
+
+    summary = build_recipe_cache(cfg, [teacher, narrow], ds, progress=False)
+    assert summary["complete"] and summary["built_rows"] == 32  # shards 1 and 2 of 16 rows
+    _assert_serves_live_outputs(cfg, [teacher, narrow], ds)
+
+
+def test_a_teacher_the_cache_lacks_is_refused_with_what_it_holds(tokenizer, teacher, data, tmp_path):
+    ds, directory = subset(data, 16), tmp_path / "c"
+    build_recipe_cache(recipe(tmp_path, directory), [teacher], ds, progress=False)
+    with pytest.raises(
+        CacheError, match=r"teachers\.1\.weights: .*the cache holds \['teacher'\]; `vldistill cache` adds"
+    ):
+        open_recipe_cache(_two_teacher_recipe(tmp_path, directory), ds, [teacher, _narrow(tokenizer)])
+
+
 # ------------------------------------------------------------------------------------------- augmented views
 def test_views_are_stored_and_replayed_on_teacher_and_student(tokenizer, teacher, data, tmp_path):
     ds = subset(data, 16)

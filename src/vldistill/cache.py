@@ -30,6 +30,12 @@ written once (temporary name, then ``os.replace``): a killed build leaves whole 
 so resuming is "start after the last listed shard". And it adds no dependency: the project already stores weights
 in safetensors.
 
+**Several teachers, added later.** A cache holds one set of ``t{k}.*`` columns per teacher; a run reads the columns of
+its own teachers, matched by identity (so a cache of teachers A and B serves a recipe of B alone, or of B and A). A
+build for a teacher the cache lacks (same data and settings) adds its columns to every shard without running the
+cached teachers again, on the stored views; until the last shard is rewritten the manifest says ``extending`` and the
+cache is not used.
+
 **Identity checks.** The manifest records, per teacher: its id (hub id or resolved directory) and revision, a
 SHA-256 of its weights (state dict) and, when it was loaded from a directory or the local hub cache, of its weight
 files and ``config.json``; a hash of its processor (the tokenizer's full ``tokenizer.json`` and padding side, the
@@ -72,7 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -313,8 +319,10 @@ def build_cache(
 ) -> dict[str, Any]:
     """Run ``teachers`` once over ``dataset`` and write their outputs to a cache in ``directory``.
 
-    A complete cache of the same teachers, data and settings is reused as it is; an interrupted one is resumed from
-    its last complete shard. A cache of other teachers, data or settings is refused (``rebuild=True`` replaces it).
+    A complete cache of the same data and settings is reused as it is when it holds every teacher (in any order); the
+    teachers it lacks are added to it (only they run; each shard is rewritten with their columns). An interrupted
+    build or addition is resumed from its last complete shard. A cache of other data or settings is refused
+    (``rebuild=True`` replaces it).
 
     Args:
         directory: the cache directory (created).
@@ -344,6 +352,19 @@ def build_cache(
         if not rebuild:
             raise
         manifest = {}  # unreadable (another format): replaced below
+    if manifest is not None and (manifest.get("complete") or "extending" in manifest):
+        added = _add_teachers(directory, manifest, header, teachers, dataset, languages, digests, views, options)
+        if added is not None and not callable(added):  # the same data and settings, every teacher cached: reuse
+            return added
+        if added is not None:  # the same data and settings: add the teachers it lacks
+            summary = added(progress)
+            held = read_manifest(directory)["teachers"]
+            if all(_find_teacher(held, e, e["languages"]) is not None for e in header["teachers"]):
+                return summary
+            # an interrupted addition was finished first; now add the rest
+            return build_cache(
+                directory, teachers, dataset, languages, identities, options, rebuild, progress, pad_bytes
+            )
     if manifest is not None:
         diff = _first_difference({k: manifest.get(k) for k in header}, header)
         if options.shard_rows is not None and diff is None and options.shard_rows != manifest["shard_rows"]:
@@ -370,6 +391,74 @@ def build_cache(
         _write_json(directory / MANIFEST, manifest)
     manifest["shards"] = _valid_prefix(directory, manifest["shards"])
     return _run_build(directory, teachers, dataset, languages, digests, views, manifest, options, progress)
+
+
+def _add_teachers(directory, manifest, header, teachers, dataset, languages, digests, views, options):
+    """A complete cache of the same data and settings: reuse it when it holds every teacher asked for, or return a
+    function that adds the missing ones. ``None`` when the data or settings differ (the caller refuses or rebuilds).
+
+    Adding computes only the new teachers' outputs (on the stored views) and rewrites each shard with their columns
+    appended (temporary file, then rename); the cache is marked incomplete until the last shard is done, and a killed
+    addition resumes from the first shard not yet rewritten. When the new teachers read caption languages the cache
+    did not fingerprint, the row digests and the fingerprint are extended to them."""
+    rest = {k: v for k, v in header.items() if k not in ("teachers", "dataset")}
+    if _first_difference({k: manifest.get(k) for k in rest}, rest) is not None:
+        return None
+    if options.shard_rows is not None and options.shard_rows != manifest["shard_rows"]:
+        return None
+    old, wanted = manifest["dataset"], header["dataset"]
+    if {k: v for k, v in old.items() if k not in ("fingerprint", "languages")} != {
+        k: v for k, v in wanted.items() if k not in ("fingerprint", "languages")
+    }:
+        return None
+    known = old["languages"]
+    row_keys = digests if known == wanted["languages"] else dataset_digests(dataset, known)
+    if fingerprint(row_keys) != old["fingerprint"]:
+        return None  # other data
+    found = [_find_teacher(manifest["teachers"], entry, entry["languages"]) for entry in header["teachers"]]
+    extending = manifest.get("extending")
+    if extending is None:
+        new = [j for j, k in enumerate(found) if k is None]
+        if not new:
+            return _summary(directory, manifest, 0, 0.0)
+        if any(_find_teacher(manifest["teachers"], header["teachers"][j], []) is not None for j in new):
+            return None  # a cached teacher asked for in more languages: the shards' text columns would clash
+        first = len(manifest["teachers"])
+        union = sorted(set(known) | set(wanted["languages"]))
+        if union != known:  # the new teachers read captions the row digests do not cover yet
+            row_keys = digests if union == wanted["languages"] else dataset_digests(dataset, union)
+            manifest["dataset"] = {**old, "languages": union, "fingerprint": fingerprint(row_keys)}
+        manifest["teachers"] += [header["teachers"][j] for j in new]
+        manifest["extending"] = {"from_teacher": first, "shards_done": 0}
+        manifest["complete"] = False
+        _write_json(directory / MANIFEST, manifest)
+    else:  # resume an interrupted addition: its teachers must be among those asked for
+        first = extending["from_teacher"]
+        pending = range(first, len(manifest["teachers"]))
+        new = [found.index(k) if k in found else None for k in pending]
+        if None in new:
+            missing = [manifest["teachers"][k]["id"] for k, j in zip(pending, new, strict=True) if j is None]
+            raise CacheError(
+                f"{directory}: adding the teachers {missing} to this cache was interrupted; run `vldistill cache` "
+                f"with them to finish it (or --rebuild)"
+            )
+    for stale in directory.glob(".*.tmp"):
+        stale.unlink()
+
+    def build(progress: bool) -> dict[str, Any]:
+        stored = None
+        if manifest["augmentation"]["views"] > 1:  # the views the cached teachers saw, not recomputed
+            stored = np.concatenate([_read_column(directory / s["file"], "views") for s in manifest["shards"]])
+        chosen, langs = [teachers[j] for j in new], [languages[j] for j in new]
+        return _run_build(directory, chosen, dataset, langs, row_keys, stored, manifest, options, progress, first)
+
+    return build
+
+
+def _read_column(path: Path, name: str) -> np.ndarray:
+    from safetensors.numpy import load_file as load_numpy
+
+    return load_numpy(str(path))[name]
 
 
 def _clear(directory: Path) -> None:
@@ -454,9 +543,15 @@ def _valid_prefix(directory: Path, shards: list[dict[str, Any]]) -> list[dict[st
     return kept
 
 
-def _run_build(directory, teachers, dataset, languages, digests, views, manifest, options, progress) -> dict[str, Any]:
+def _run_build(
+    directory, teachers, dataset, languages, digests, views, manifest, options, progress, column: int | None = None
+) -> dict[str, Any]:
+    """Compute ``teachers`` over the shards not yet written and write them. With ``column`` (adding teachers to a
+    complete cache, ``manifest["extending"]``) their outputs go to columns ``t{column}``, ``t{column + 1}``, ...
+    of the existing shards instead."""
     n, per_shard, bs = len(digests), manifest["shard_rows"], options.batch_size
-    first = len(manifest["shards"])
+    adding = column is not None
+    first = manifest["extending"]["shards_done"] if adding else len(manifest["shards"])
     bounds = [(s, min(s + per_shard, n)) for s in range(first * per_shard, n, per_shard)]
     batches = [list(range(a, min(a + bs, end))) for start, end in bounds for a in range(start, end, bs)]
     loader = torch.utils.data.DataLoader(
@@ -480,7 +575,7 @@ def _run_build(directory, teachers, dataset, languages, digests, views, manifest
             rows = len(batch["index"])
             for k, (teacher, inputs) in enumerate(zip(teachers, batch["teachers"], strict=True)):
                 out = encode_batch(teacher, inputs, needs)
-                _collect(buffers, k, out, manifest["teachers"][k], rows, dtype)
+                _collect(buffers, (column or 0) + k, out, manifest["teachers"][(column or 0) + k], rows, dtype)
             filled += rows
             built += rows
             bar.update(rows)
@@ -488,17 +583,21 @@ def _run_build(directory, teachers, dataset, languages, digests, views, manifest
             if filled == end - start:
                 tensors = {name: torch.cat(parts) for name, parts in buffers.items()}
                 tensors["row_key"] = torch.from_numpy(digests[start:end].copy())
-                if views is not None:
-                    tensors["views"] = torch.from_numpy(views[start:end].copy())
-                if manifest["pad_bytes"]:
-                    tensors["pad"] = torch.zeros(end - start, manifest["pad_bytes"], dtype=torch.uint8)
                 if pending is not None:
                     pending.result()  # at most one shard waits in memory; a failed write stops the build
-                pending = writer.submit(_write_shard, directory, manifest, shard_index, start, tensors)
+                if adding:  # new columns into the existing shard (its views and padding are already there)
+                    pending = writer.submit(_add_columns, directory, manifest, shard_index, tensors)
+                else:
+                    if views is not None:
+                        tensors["views"] = torch.from_numpy(views[start:end].copy())
+                    if manifest["pad_bytes"]:
+                        tensors["pad"] = torch.zeros(end - start, manifest["pad_bytes"], dtype=torch.uint8)
+                    pending = writer.submit(_write_shard, directory, manifest, shard_index, start, tensors)
                 shard_index, buffers, filled = shard_index + 1, {}, 0
         if pending is not None:
             pending.result()
     bar.close()
+    manifest.pop("extending", None)
     manifest["complete"] = True
     _write_json(directory / MANIFEST, manifest)
     return _summary(directory, manifest, built, time.perf_counter() - start_time)
@@ -532,6 +631,19 @@ def _write_shard(directory: Path, manifest: dict[str, Any], index: int, start: i
     _write_json(directory / MANIFEST, manifest)  # the shard is listed only once it is whole
 
 
+def _add_columns(directory: Path, manifest: dict[str, Any], index: int, tensors: dict[str, Tensor]) -> None:
+    """Rewrite shard ``index`` with ``tensors`` (new teachers' columns) added; listed as done once it is whole."""
+    shard = manifest["shards"][index]
+    path = directory / shard["file"]
+    columns = {**load_file(str(path)), **tensors}
+    tmp = directory / f".{shard['file']}.tmp"
+    save_file({k: v.contiguous() for k, v in columns.items()}, str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, path)
+    shard["bytes"] = path.stat().st_size
+    manifest["extending"]["shards_done"] = index + 1
+    _write_json(directory / MANIFEST, manifest)
+
+
 def _summary(directory: Path, manifest: dict[str, Any], built: int, seconds: float) -> dict[str, Any]:
     return {
         "cache": str(directory),
@@ -539,6 +651,7 @@ def _summary(directory: Path, manifest: dict[str, Any], built: int, seconds: flo
         "rows": manifest["dataset"]["rows"],
         "shards": len(manifest["shards"]),
         "bytes": sum(s["bytes"] for s in manifest["shards"]),
+        "teachers": [t["id"] for t in manifest["teachers"]],
         "built_rows": built,
         "seconds": round(seconds, 3),
         "samples_per_second": round(built / seconds, 2) if seconds > 0 else None,
@@ -650,6 +763,12 @@ class CachedTeachers:
         manifest = read_manifest(self.directory)
         if manifest is None:
             raise CacheError(f"no teacher cache at {self.directory} (no {MANIFEST}): build it with `vldistill cache`")
+        if "extending" in manifest:
+            adding = [t["id"] for t in manifest["teachers"][manifest["extending"]["from_teacher"] :]]
+            raise CacheError(
+                f"the teacher cache at {self.directory} is incomplete: adding the teachers {adding} to it was "
+                f"interrupted; run `vldistill cache` with them again to finish. An incomplete cache is never used."
+            )
         if not manifest["complete"]:
             raise CacheError(
                 f"the teacher cache at {self.directory} is incomplete ({len(manifest['shards'])} shards of "
@@ -657,7 +776,7 @@ class CachedTeachers:
                 f"interrupted); run `vldistill cache` again to resume it. An incomplete cache is never used."
             )
         self.manifest = manifest
-        _check_teachers(manifest["teachers"], list(teachers), [list(x) for x in languages])
+        self._columns = _match_teachers(manifest["teachers"], list(teachers), [list(x) for x in languages])
         diff = _first_difference(manifest["augmentation"], augmentation_settings(options))
         if diff is not None:
             field, old, new = diff
@@ -671,8 +790,9 @@ class CachedTeachers:
             )
         self.languages = [list(x) for x in languages]
         self._read = 0
-        self.dims = tuple(ModelDims(**t["dims"]) for t in manifest["teachers"])
-        self._out_dtypes = [_DTYPES.get(t["dtype"], torch.float32) for t in manifest["teachers"]]
+        entries = [manifest["teachers"][k] for k in self._columns]
+        self.dims = tuple(ModelDims(**t["dims"]) for t in entries)
+        self._out_dtypes = [_DTYPES.get(t["dtype"], torch.float32) for t in entries]
         self._shards = [_Shard(self.directory / s["file"], s["bytes"]) for s in manifest["shards"]]
         self._shard, self._offset = self._locate(dataset)
         self.views = self._view_table() if manifest["augmentation"]["views"] > 1 else None
@@ -726,8 +846,8 @@ class CachedTeachers:
         views = views.cpu().numpy() if views is not None else np.zeros(len(rows), dtype=np.int64)
         device = index.device
         outs = []
-        for k, (entry, langs) in enumerate(zip(self.manifest["teachers"], self.languages, strict=True)):
-            dtype = self._out_dtypes[k]
+        for j, (k, langs) in enumerate(zip(self._columns, self.languages, strict=True)):
+            entry, dtype = self.manifest["teachers"][k], self._out_dtypes[j]
             scale = entry["logit_scale"]
             out = Embeddings(logit_scale=None if scale is None else torch.tensor(scale, dtype=dtype, device=device))
             out.image = self._get(f"t{k}.image", rows, views, device, dtype)
@@ -768,24 +888,48 @@ class CachedTeachers:
         return torch.from_numpy(out).view(self._shards[0].dtypes[name])
 
 
-def _check_teachers(built: list[dict[str, Any]], run: list[dict[str, Any]], languages: list[list[str]]) -> None:
-    if len(built) != len(run):
-        raise CacheError(f"teachers: the cache holds {len(built)} teacher(s), the run has {len(run)}")
-    for k, (old, new) in enumerate(zip(built, run, strict=True)):
-        key = f"teachers.{k}"
-        hashes = [h for h in ("weights", "files") if old.get(h) and new.get(h)]
-        fields = hashes[:1] if hashes else ["id", "revision"]  # the content decides when it can be compared
-        for field in [*fields, "processor", "dtype"]:
-            if old.get(field) != new.get(field):
-                raise CacheError(
-                    f"{key}.{field}: the cache was built by another teacher ({field} {_short(old.get(field))}, id "
-                    f"{old['id']!r}) than the run's ({_short(new.get(field))}, id {new['id']!r})"
-                )
-        lacking = [lang for lang in languages[k] if lang not in old["languages"]]
-        if lacking:
+def _identity_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first identity field in which a cached teacher and a run's teacher differ, or ``None``: the same teacher."""
+    hashes = [h for h in ("weights", "files") if old.get(h) and new.get(h)]
+    fields = hashes[:1] if hashes else ["id", "revision"]  # the content decides when it can be compared
+    return next((f for f in [*fields, "processor", "dtype"] if old.get(f) != new.get(f)), None)
+
+
+def _find_teacher(cached: list[dict[str, Any]], wanted: dict[str, Any], languages: Sequence[str]) -> int | None:
+    """The column of the cached teacher that is ``wanted`` and has text embeddings in ``languages``, if any."""
+    return next(
+        (
+            k
+            for k, old in enumerate(cached)
+            if _identity_difference(old, wanted) is None and set(languages) <= set(old["languages"])
+        ),
+        None,
+    )
+
+
+def _match_teachers(cached: list[dict[str, Any]], run: list[dict[str, Any]], languages: list[list[str]]) -> list[int]:
+    """For each of the run's teachers, the cache column that holds its outputs: a cache of several teachers serves
+    any of them, in any order. A teacher the cache lacks is refused, naming what differs from the cached teacher in
+    its position (or the first)."""
+    columns = []
+    for j, (new, langs) in enumerate(zip(run, languages, strict=True)):
+        k = _find_teacher(cached, new, langs)
+        if k is not None:
+            columns.append(k)
+            continue
+        key, old = f"teachers.{j}", cached[min(j, len(cached) - 1)]
+        held = f"the cache holds {[t['id'] for t in cached]}; `vldistill cache` adds a teacher to it"
+        field = _identity_difference(old, new)
+        if field is not None:
             raise CacheError(
-                f"{key}.languages: the run needs text embeddings in {lacking}, the cache has {old['languages']}"
+                f"{key}.{field}: the cache was built by another teacher ({field} {_short(old.get(field))}, id "
+                f"{old['id']!r}) than the run's ({_short(new.get(field))}, id {new['id']!r}); {held}"
             )
+        lacking = [lang for lang in langs if lang not in old["languages"]]
+        raise CacheError(
+            f"{key}.languages: the run needs text embeddings in {lacking}, the cache has {old['languages']}"
+        )
+    return columns
 
 
 # ------------------------------------------------------------------------------------------------- recipes

@@ -180,7 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=None, help="data-loading worker processes (default 2)")
     c.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: about 256 MB)")
     c.add_argument("--tiny", action="store_true", help="apply the recipe's tiny overrides")
-    c.add_argument("--rebuild", action="store_true", help="replace a cache built from other teachers/data/settings")
+    c.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="replace a cache built from other data or settings (missing teachers are added without it)",
+    )
 
     e = sub.add_parser(
         "eval",
