@@ -388,7 +388,9 @@ def _narrow(tokenizer) -> Teacher:
 
 def _assert_serves_live_outputs(cfg, teachers, ds) -> None:
     source = open_recipe_cache(cfg, ds, teachers)
-    batch = Collator(teachers[0], teachers, LANGS, [t.languages for t in teachers])([ds[i] for i in range(0, 32, 3)])
+    batch = Collator(teachers[0], teachers, LANGS, [t.languages for t in teachers])(
+        [ds[i] for i in range(0, len(ds), 3)]
+    )
     for t, inputs, out in zip(teachers, batch["teachers"], source(batch, frozenset({"teacher"})), strict=True):
         live = encode_batch(t, inputs, frozenset({"teacher"}))
         torch.testing.assert_close(out.image, live.image)
@@ -462,10 +464,24 @@ def test_an_interrupted_addition_is_never_used_and_resumes(tokenizer, teacher, d
         open_recipe_cache(cfg, ds, [teacher, narrow])
     with pytest.raises(CacheError, match=r"adding the teachers \['narrow'\] to this cache was interrupted"):
         build_recipe_cache(recipe(tmp_path, directory), [teacher], ds, progress=False)
+    elsewhere = tmp_path / "copy"
+    shutil.copytree(directory, elsewhere)  # --rebuild replaces an interrupted addition with what is asked for
+    replaced = build_recipe_cache(recipe(tmp_path, elsewhere), [teacher], ds, rebuild=True, progress=False)
+    assert replaced["complete"] and replaced["teachers"] == ["teacher"] and replaced["built_rows"] == 48
 
     summary = build_recipe_cache(cfg, [teacher, narrow], ds, progress=False)
     assert summary["complete"] and summary["built_rows"] == 32  # shards 1 and 2 of 16 rows
     _assert_serves_live_outputs(cfg, [teacher, narrow], ds)
+
+
+def test_rebuild_replaces_the_cached_teachers_instead_of_adding(tokenizer, teacher, data, tmp_path):
+    ds, directory, narrow = subset(data, 16), tmp_path / "c", _narrow(tokenizer)
+    build_recipe_cache(recipe(tmp_path, directory), [teacher], ds, progress=False)
+    cfg = recipe(tmp_path, directory, teacher="narrow")
+    cfg.teachers[0].languages = ["en", "zh"]
+    summary = build_recipe_cache(cfg, [narrow], ds, rebuild=True, progress=False)
+    assert summary["teachers"] == ["narrow"] and summary["built_rows"] == 16
+    _assert_serves_live_outputs(cfg, [narrow], ds)
 
 
 def test_a_teacher_the_cache_lacks_is_refused_with_what_it_holds(tokenizer, teacher, data, tmp_path):

@@ -321,8 +321,8 @@ def build_cache(
 
     A complete cache of the same data and settings is reused as it is when it holds every teacher (in any order); the
     teachers it lacks are added to it (only they run; each shard is rewritten with their columns). An interrupted
-    build or addition is resumed from its last complete shard. A cache of other data or settings is refused
-    (``rebuild=True`` replaces it).
+    build or addition is resumed from its last complete shard. A cache of other data or settings is refused.
+    ``rebuild=True`` replaces a cache that differs in anything, teachers included, with one of exactly ``teachers``.
 
     Args:
         directory: the cache directory (created).
@@ -352,11 +352,12 @@ def build_cache(
         if not rebuild:
             raise
         manifest = {}  # unreadable (another format): replaced below
-    if manifest is not None and (manifest.get("complete") or "extending" in manifest):
+    resumable = manifest is not None and (manifest.get("complete") or ("extending" in manifest and not rebuild))
+    if resumable:
         added = _add_teachers(directory, manifest, header, teachers, dataset, languages, digests, views, options)
         if added is not None and not callable(added):  # the same data and settings, every teacher cached: reuse
             return added
-        if added is not None:  # the same data and settings: add the teachers it lacks
+        if added is not None and not rebuild:  # the same data and settings: add the teachers it lacks
             summary = added(progress)
             held = read_manifest(directory)["teachers"]
             if all(_find_teacher(held, e, e["languages"]) is not None for e in header["teachers"]):
@@ -424,14 +425,6 @@ def _add_teachers(directory, manifest, header, teachers, dataset, languages, dig
         if any(_find_teacher(manifest["teachers"], header["teachers"][j], []) is not None for j in new):
             return None  # a cached teacher asked for in more languages: the shards' text columns would clash
         first = len(manifest["teachers"])
-        union = sorted(set(known) | set(wanted["languages"]))
-        if union != known:  # the new teachers read captions the row digests do not cover yet
-            row_keys = digests if union == wanted["languages"] else dataset_digests(dataset, union)
-            manifest["dataset"] = {**old, "languages": union, "fingerprint": fingerprint(row_keys)}
-        manifest["teachers"] += [header["teachers"][j] for j in new]
-        manifest["extending"] = {"from_teacher": first, "shards_done": 0}
-        manifest["complete"] = False
-        _write_json(directory / MANIFEST, manifest)
     else:  # resume an interrupted addition: its teachers must be among those asked for
         first = extending["from_teacher"]
         pending = range(first, len(manifest["teachers"]))
@@ -442,23 +435,35 @@ def _add_teachers(directory, manifest, header, teachers, dataset, languages, dig
                 f"{directory}: adding the teachers {missing} to this cache was interrupted; run `vldistill cache` "
                 f"with them to finish it (or --rebuild)"
             )
-    for stale in directory.glob(".*.tmp"):
-        stale.unlink()
 
     def build(progress: bool) -> dict[str, Any]:
+        keys = row_keys
+        if extending is None:  # start the addition: from here on the cache is not used until it is complete
+            union = sorted(set(known) | set(wanted["languages"]))
+            if union != known:  # the new teachers read captions the row digests do not cover yet
+                keys = digests if union == wanted["languages"] else dataset_digests(dataset, union)
+                manifest["dataset"] = {**old, "languages": union, "fingerprint": fingerprint(keys)}
+            manifest["teachers"] += [header["teachers"][j] for j in new]
+            manifest["extending"] = {"from_teacher": first, "shards_done": 0}
+            manifest["complete"] = False
+            _write_json(directory / MANIFEST, manifest)
+        for stale in directory.glob(".*.tmp"):
+            stale.unlink()
         stored = None
         if manifest["augmentation"]["views"] > 1:  # the views the cached teachers saw, not recomputed
             stored = np.concatenate([_read_column(directory / s["file"], "views") for s in manifest["shards"]])
         chosen, langs = [teachers[j] for j in new], [languages[j] for j in new]
-        return _run_build(directory, chosen, dataset, langs, row_keys, stored, manifest, options, progress, first)
+        return _run_build(directory, chosen, dataset, langs, keys, stored, manifest, options, progress, first)
 
     return build
 
 
 def _read_column(path: Path, name: str) -> np.ndarray:
-    from safetensors.numpy import load_file as load_numpy
+    """One tensor of a shard, without reading the others."""
+    from safetensors import safe_open
 
-    return load_numpy(str(path))[name]
+    with safe_open(str(path), framework="np") as f:
+        return f.get_tensor(name)
 
 
 def _clear(directory: Path) -> None:
