@@ -376,14 +376,14 @@ def _two_teacher_recipe(tmp_path: Path, directory: Path, order=("teacher", "narr
     cfg.teachers = []
     for name in order:
         t = copy.deepcopy(first)
-        t.name_or_path, t.languages = name, (["en"] if name == "teacher" else ["en", "zh"])
+        t.name_or_path, t.languages = name, ["en", "zh"]
         cfg.teachers.append(t)
     return cfg
 
 
-def _narrow(tokenizer) -> Teacher:
+def _narrow(tokenizer, languages=("en", "zh")) -> Teacher:
     torch.manual_seed(1)
-    return as_teacher(build_student("test-clip", tokenizer, projection_dim=12), ["en", "zh"])
+    return as_teacher(build_student("test-clip", tokenizer, projection_dim=12), list(languages))
 
 
 def _assert_serves_live_outputs(cfg, teachers, ds) -> None:
@@ -400,52 +400,69 @@ def _assert_serves_live_outputs(cfg, teachers, ds) -> None:
     assert source.dims == tuple(t.dims for t in teachers)
 
 
+@pytest.fixture
+def bilingual(teacher) -> Teacher:
+    """The cached teacher reading English and Chinese captions: its cache fingerprints both."""
+    return as_teacher(teacher, ["en", "zh"])
+
+
 def test_a_teacher_is_added_to_a_complete_cache_without_running_the_cached_one(
-    tokenizer, teacher, data, tmp_path, monkeypatch
+    tokenizer, bilingual, data, tmp_path, monkeypatch
 ):
     ds, directory, narrow = subset(data, 32), tmp_path / "c", _narrow(tokenizer)
-    build_recipe_cache(recipe(tmp_path, directory), [teacher], ds, progress=False)
+    build_recipe_cache(recipe(tmp_path, directory), [bilingual], ds, progress=False)
     before = load_file(directory / "shard-00001.safetensors")
 
     ran = []
     real = cache_mod.encode_batch
     monkeypatch.setattr(cache_mod, "encode_batch", lambda t, *a, **k: ran.append(t) or real(t, *a, **k))
     cfg = _two_teacher_recipe(tmp_path, directory, order=("narrow", "teacher"))  # any order: matched by identity
-    summary = build_recipe_cache(cfg, [narrow, teacher], ds, progress=False)
+    cfg.teachers.insert(1, copy.deepcopy(cfg.teachers[0]))  # the same new teacher twice: added once
+    summary = build_recipe_cache(cfg, [narrow, narrow, bilingual], ds, progress=False)
     assert ran and all(t is narrow for t in ran)  # only the new teacher ran
     assert summary["complete"] and summary["built_rows"] == 32 and summary["teachers"] == ["teacher", "narrow"]
     after = load_file(directory / "shard-00001.safetensors")
-    for name, value in before.items():  # the cached teacher's columns are kept as they were
-        if name != "row_key":  # the new teacher reads Chinese: the row digests now cover Chinese captions too
-            assert torch.equal(after[name], value), name
+    for name, value in before.items():  # the cached teacher's columns (and the row digests) are kept as they were
+        assert torch.equal(after[name], value), name
     assert {"t1.image", "t1.text.en", "t1.text.zh", "t1.image_tokens"} <= set(after)
-    manifest = read_manifest(directory)
-    assert "extending" not in manifest and manifest["dataset"]["languages"] == ["en", "zh"]
-    assert manifest["dataset"]["fingerprint"] == cache_mod.fingerprint(cache_mod.dataset_digests(ds, ["en", "zh"]))
+    assert "extending" not in read_manifest(directory)
 
-    _assert_serves_live_outputs(cfg, [narrow, teacher], ds)
-    _assert_serves_live_outputs(_two_teacher_recipe(tmp_path, directory), [teacher, narrow], ds)
-    again = build_recipe_cache(_two_teacher_recipe(tmp_path, directory), [teacher, narrow], ds, progress=False)
+    _assert_serves_live_outputs(cfg, [narrow, narrow, bilingual], ds)
+    _assert_serves_live_outputs(_two_teacher_recipe(tmp_path, directory), [bilingual, narrow], ds)
+    again = build_recipe_cache(_two_teacher_recipe(tmp_path, directory), [bilingual, narrow], ds, progress=False)
     assert again["built_rows"] == 0  # it holds both: reused
 
 
-def test_a_teacher_added_to_a_cache_of_views_is_run_on_the_stored_views(tokenizer, teacher, data, tmp_path):
+def test_a_teacher_reading_captions_the_cache_does_not_fingerprint_is_not_added(tokenizer, teacher, data, tmp_path):
+    """The row digests (the cache's identity) cover the cached teachers' languages; they never change."""
+    ds, directory = subset(data, 16), tmp_path / "c"
+    build_recipe_cache(recipe(tmp_path, directory), [teacher], ds, progress=False)  # English only
+    with pytest.raises(CacheError, match=r"teachers\.1\.languages: the teacher reads captions in \['zh'\], which the "):
+        build_recipe_cache(_two_teacher_recipe(tmp_path, directory), [teacher, _narrow(tokenizer)], ds, progress=False)
+    english = _narrow(tokenizer, ["en"])
+    cfg = _two_teacher_recipe(tmp_path, directory)
+    cfg.teachers[1].languages = ["en"]
+    assert build_recipe_cache(cfg, [teacher, english], ds, progress=False)["built_rows"] == 16
+    _assert_serves_live_outputs(cfg, [teacher, english], ds)
+
+
+def test_a_teacher_added_to_a_cache_of_views_is_run_on_the_stored_views(tokenizer, bilingual, data, tmp_path):
     ds, directory, narrow = subset(data, 16), tmp_path / "c", _narrow(tokenizer)
-    build_recipe_cache(recipe(tmp_path, directory, views=3), [teacher], ds, progress=False)
+    build_recipe_cache(recipe(tmp_path, directory, views=3), [bilingual], ds, progress=False)
     cfg = _two_teacher_recipe(tmp_path, directory)
     cfg.cache.views = 3
-    build_recipe_cache(cfg, [teacher, narrow], ds, progress=False)
-    source = open_recipe_cache(cfg, ds, [teacher, narrow])
+    build_recipe_cache(cfg, [bilingual, narrow], ds, progress=False)
+    source = open_recipe_cache(cfg, ds, [bilingual, narrow])
     samples = [{**ds[i], "view": v} for i, v in ((4, 2), (7, 0), (11, 1))]
-    batch = Collator(teacher, [], LANGS, [], views=source.views)(samples)
+    batch = Collator(bilingual, [], LANGS, [], views=source.views)(samples)
     _, cached = source(batch, frozenset({"teacher"}))
     images = [apply_view(s["image"], source.views.params[s["index"], s["view"]]) for s in samples]
     torch.testing.assert_close(cached.image, narrow.encode_image(narrow.preprocess_images(images)))
 
 
-def test_an_interrupted_addition_is_never_used_and_resumes(tokenizer, teacher, data, tmp_path, monkeypatch):
+def test_an_interrupted_addition_is_never_used_and_resumes(tokenizer, bilingual, data, tmp_path, monkeypatch):
     ds, directory, narrow = subset(data, 48), tmp_path / "c", _narrow(tokenizer)
-    build_recipe_cache(recipe(tmp_path, directory), [teacher], ds, progress=False)
+    build_recipe_cache(recipe(tmp_path, directory), [bilingual], ds, progress=False)
     cfg = _two_teacher_recipe(tmp_path, directory)
     real = cache_mod._add_columns
 
@@ -456,22 +473,24 @@ def test_an_interrupted_addition_is_never_used_and_resumes(tokenizer, teacher, d
 
     monkeypatch.setattr(cache_mod, "_add_columns", killed_at_shard_1)
     with pytest.raises(KeyboardInterrupt):
-        build_recipe_cache(cfg, [teacher, narrow], ds, progress=False)
+        build_recipe_cache(cfg, [bilingual, narrow], ds, progress=False)
     monkeypatch.setattr(cache_mod, "_add_columns", real)
     manifest = read_manifest(directory)
     assert manifest["extending"] == {"from_teacher": 1, "shards_done": 1} and not manifest["complete"]
     with pytest.raises(CacheError, match=r"adding the teachers \['narrow'\] to it was interrupted"):
-        open_recipe_cache(cfg, ds, [teacher, narrow])
-    with pytest.raises(CacheError, match=r"adding the teachers \['narrow'\] to this cache was interrupted"):
-        build_recipe_cache(recipe(tmp_path, directory), [teacher], ds, progress=False)
+        open_recipe_cache(cfg, ds, [bilingual, narrow])
+    with pytest.raises(CacheError, match=r"adding the teachers \['narrow'\] to this cache was interrupted; give"):
+        build_recipe_cache(recipe(tmp_path, directory), [bilingual], ds, progress=False)
     elsewhere = tmp_path / "copy"
-    shutil.copytree(directory, elsewhere)  # --rebuild replaces an interrupted addition with what is asked for
-    replaced = build_recipe_cache(recipe(tmp_path, elsewhere), [teacher], ds, rebuild=True, progress=False)
-    assert replaced["complete"] and replaced["teachers"] == ["teacher"] and replaced["built_rows"] == 48
+    shutil.copytree(directory, elsewhere)  # --rebuild, even with the manifest's own teachers, replaces it all
+    again = _two_teacher_recipe(tmp_path, elsewhere)
+    replaced = build_recipe_cache(again, [bilingual, narrow], ds, rebuild=True, progress=False)
+    assert replaced["complete"] and replaced["built_rows"] == 48
+    _assert_serves_live_outputs(again, [bilingual, narrow], ds)
 
-    summary = build_recipe_cache(cfg, [teacher, narrow], ds, progress=False)
+    summary = build_recipe_cache(cfg, [bilingual, narrow], ds, progress=False)  # resumes the addition
     assert summary["complete"] and summary["built_rows"] == 32  # shards 1 and 2 of 16 rows
-    _assert_serves_live_outputs(cfg, [teacher, narrow], ds)
+    _assert_serves_live_outputs(cfg, [bilingual, narrow], ds)
 
 
 def test_rebuild_replaces_the_cached_teachers_instead_of_adding(tokenizer, teacher, data, tmp_path):
@@ -491,6 +510,10 @@ def test_a_teacher_the_cache_lacks_is_refused_with_what_it_holds(tokenizer, teac
         CacheError, match=r"teachers\.1\.weights: .*the cache holds \['teacher'\]; `vldistill cache` adds"
     ):
         open_recipe_cache(_two_teacher_recipe(tmp_path, directory), ds, [teacher, _narrow(tokenizer)])
+    with pytest.raises(
+        CacheError, match=r"teachers\.0\.languages: the run needs text embeddings in \['zh'\], the cache"
+    ):
+        open_recipe_cache(recipe(tmp_path, directory), ds, [as_teacher(teacher, ["en", "zh"])])
 
 
 # ------------------------------------------------------------------------------------------- augmented views

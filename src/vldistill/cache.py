@@ -34,7 +34,7 @@ in safetensors.
 its own teachers, matched by identity (so a cache of teachers A and B serves a recipe of B alone, or of B and A). A
 build for a teacher the cache lacks (same data and settings) adds its columns to every shard without running the
 cached teachers again, on the stored views; until the last shard is rewritten the manifest says ``extending`` and the
-cache is not used.
+cache is not used. The row digests never change, so a new teacher may read only the caption languages they cover.
 
 **Identity checks.** The manifest records, per teacher: its id (hub id or resolved directory) and revision, a
 SHA-256 of its weights (state dict) and, when it was loaded from a directory or the local hub cache, of its weight
@@ -352,22 +352,23 @@ def build_cache(
         if not rebuild:
             raise
         manifest = {}  # unreadable (another format): replaced below
-    resumable = manifest is not None and (manifest.get("complete") or ("extending" in manifest and not rebuild))
-    if resumable:
-        added = _add_teachers(directory, manifest, header, teachers, dataset, languages, digests, views, options)
+    if manifest and rebuild and "extending" in manifest:  # an interrupted addition: replaced, never half-reused
+        _clear(directory)
+        manifest = None
+    if manifest and not rebuild and (manifest.get("complete") or "extending" in manifest):
+        added = _add_teachers(directory, manifest, header, teachers, dataset, digests, options)
         if added is not None and not callable(added):  # the same data and settings, every teacher cached: reuse
             return added
-        if added is not None and not rebuild:  # the same data and settings: add the teachers it lacks
+        if added is not None:  # the same data and settings: add the teachers it lacks
             summary = added(progress)
             held = read_manifest(directory)["teachers"]
             if all(_find_teacher(held, e, e["languages"]) is not None for e in header["teachers"]):
                 return summary
-            # an interrupted addition was finished first; now add the rest
-            return build_cache(
-                directory, teachers, dataset, languages, identities, options, rebuild, progress, pad_bytes
-            )
+            # that finished an interrupted addition; now add the rest
+            return build_cache(directory, teachers, dataset, languages, identities, options, False, progress, pad_bytes)
     if manifest is not None:
-        diff = _first_difference({k: manifest.get(k) for k in header}, header)
+        order = [k for k in header if k != "teachers"] + ["teachers"]  # name data and settings before teachers
+        diff = _first_difference({k: manifest.get(k) for k in order}, {k: header[k] for k in order})
         if options.shard_rows is not None and diff is None and options.shard_rows != manifest["shard_rows"]:
             diff = ("shard_rows", manifest["shard_rows"], options.shard_rows)
         if diff is not None and not rebuild:
@@ -394,14 +395,14 @@ def build_cache(
     return _run_build(directory, teachers, dataset, languages, digests, views, manifest, options, progress)
 
 
-def _add_teachers(directory, manifest, header, teachers, dataset, languages, digests, views, options):
+def _add_teachers(directory, manifest, header, teachers, dataset, digests, options):
     """A complete cache of the same data and settings: reuse it when it holds every teacher asked for, or return a
     function that adds the missing ones. ``None`` when the data or settings differ (the caller refuses or rebuilds).
 
     Adding computes only the new teachers' outputs (on the stored views) and rewrites each shard with their columns
     appended (temporary file, then rename); the cache is marked incomplete until the last shard is done, and a killed
-    addition resumes from the first shard not yet rewritten. When the new teachers read caption languages the cache
-    did not fingerprint, the row digests and the fingerprint are extended to them."""
+    addition resumes from the first shard not yet rewritten. A new teacher may read only caption languages the
+    cache's row digests cover (``dataset.languages``): the digests, and so the cache's identity, never change."""
     rest = {k: v for k, v in header.items() if k not in ("teachers", "dataset")}
     if _first_difference({k: manifest.get(k) for k in rest}, rest) is not None:
         return None
@@ -413,37 +414,48 @@ def _add_teachers(directory, manifest, header, teachers, dataset, languages, dig
     }:
         return None
     known = old["languages"]
-    row_keys = digests if known == wanted["languages"] else dataset_digests(dataset, known)
+    try:
+        row_keys = digests if known == wanted["languages"] else dataset_digests(dataset, known)
+    except CacheError:
+        return None  # the data lacks captions the cache fingerprinted: other data
     if fingerprint(row_keys) != old["fingerprint"]:
-        return None  # other data
-    found = [_find_teacher(manifest["teachers"], entry, entry["languages"]) for entry in header["teachers"]]
+        return None
+    held, entries = manifest["teachers"], header["teachers"]
+    found = [_find_teacher(held, e, e["languages"]) for e in entries]
     extending = manifest.get("extending")
     if extending is None:
-        new = [j for j, k in enumerate(found) if k is None]
+        new: list[int] = []
+        for j, k in enumerate(found):
+            if k is not None or any(_identity_difference(entries[i], entries[j]) is None for i in new):
+                continue  # cached, or asked for twice
+            same = _find_teacher(held, entries[j], [])
+            lacking = sorted(set(entries[j]["languages"]) - set(known if same is None else held[same]["languages"]))
+            if lacking:
+                where = "the cache's rows" if same is None else f"its cached column t{same}"
+                raise CacheError(
+                    f"teachers.{j}.languages: the teacher reads captions in {lacking}, which {where} do not cover "
+                    f"({known if same is None else held[same]['languages']}); rebuild the cache with all its "
+                    f"teachers (--rebuild)"
+                )
+            new.append(j)
         if not new:
             return _summary(directory, manifest, 0, 0.0)
-        if any(_find_teacher(manifest["teachers"], header["teachers"][j], []) is not None for j in new):
-            return None  # a cached teacher asked for in more languages: the shards' text columns would clash
-        first = len(manifest["teachers"])
+        first = len(held)
+        pending = [entries[j] for j in new]
     else:  # resume an interrupted addition: its teachers must be among those asked for
         first = extending["from_teacher"]
-        pending = range(first, len(manifest["teachers"]))
-        new = [found.index(k) if k in found else None for k in pending]
+        pending = held[first:]
+        new = [next((j for j, e in enumerate(entries) if _identity_difference(p, e) is None), None) for p in pending]
         if None in new:
-            missing = [manifest["teachers"][k]["id"] for k, j in zip(pending, new, strict=True) if j is None]
+            missing = [p["id"] for p, j in zip(pending, new, strict=True) if j is None]
             raise CacheError(
-                f"{directory}: adding the teachers {missing} to this cache was interrupted; run `vldistill cache` "
-                f"with them to finish it (or --rebuild)"
+                f"{directory}: adding the teachers {missing} to this cache was interrupted; give them to "
+                f"`vldistill cache` to finish it, or replace the cache (--rebuild)"
             )
 
     def build(progress: bool) -> dict[str, Any]:
-        keys = row_keys
         if extending is None:  # start the addition: from here on the cache is not used until it is complete
-            union = sorted(set(known) | set(wanted["languages"]))
-            if union != known:  # the new teachers read captions the row digests do not cover yet
-                keys = digests if union == wanted["languages"] else dataset_digests(dataset, union)
-                manifest["dataset"] = {**old, "languages": union, "fingerprint": fingerprint(keys)}
-            manifest["teachers"] += [header["teachers"][j] for j in new]
+            manifest["teachers"] = [*held, *pending]
             manifest["extending"] = {"from_teacher": first, "shards_done": 0}
             manifest["complete"] = False
             _write_json(directory / MANIFEST, manifest)
@@ -452,8 +464,8 @@ def _add_teachers(directory, manifest, header, teachers, dataset, languages, dig
         stored = None
         if manifest["augmentation"]["views"] > 1:  # the views the cached teachers saw, not recomputed
             stored = np.concatenate([_read_column(directory / s["file"], "views") for s in manifest["shards"]])
-        chosen, langs = [teachers[j] for j in new], [languages[j] for j in new]
-        return _run_build(directory, chosen, dataset, langs, keys, stored, manifest, options, progress, first)
+        chosen, langs = [teachers[j] for j in new], [p["languages"] for p in pending]  # as the manifest lists them
+        return _run_build(directory, chosen, dataset, langs, row_keys, stored, manifest, options, progress, first)
 
     return build
 
@@ -922,17 +934,19 @@ def _match_teachers(cached: list[dict[str, Any]], run: list[dict[str, Any]], lan
         if k is not None:
             columns.append(k)
             continue
-        key, old = f"teachers.{j}", cached[min(j, len(cached) - 1)]
-        held = f"the cache holds {[t['id'] for t in cached]}; `vldistill cache` adds a teacher to it"
-        field = _identity_difference(old, new)
-        if field is not None:
+        key, same = f"teachers.{j}", _find_teacher(cached, new, [])
+        if same is not None:  # cached, but without some of the languages the run needs
+            lacking = [lang for lang in langs if lang not in cached[same]["languages"]]
             raise CacheError(
-                f"{key}.{field}: the cache was built by another teacher ({field} {_short(old.get(field))}, id "
-                f"{old['id']!r}) than the run's ({_short(new.get(field))}, id {new['id']!r}); {held}"
+                f"{key}.languages: the run needs text embeddings in {lacking}, the cache has "
+                f"{cached[same]['languages']} for this teacher; rebuild it with them (--rebuild)"
             )
-        lacking = [lang for lang in langs if lang not in old["languages"]]
+        old = cached[min(j, len(cached) - 1)]
+        field = _identity_difference(old, new)
         raise CacheError(
-            f"{key}.languages: the run needs text embeddings in {lacking}, the cache has {old['languages']}"
+            f"{key}.{field}: the cache was built by another teacher ({field} {_short(old.get(field))}, id "
+            f"{old['id']!r}) than the run's ({_short(new.get(field))}, id {new['id']!r}); the cache holds "
+            f"{[t['id'] for t in cached]}; `vldistill cache` adds a teacher to it"
         )
     return columns
 
