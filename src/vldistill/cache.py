@@ -78,6 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -472,8 +473,6 @@ def _add_teachers(directory, manifest, header, teachers, dataset, digests, optio
 
 def _read_column(path: Path, name: str) -> np.ndarray:
     """One tensor of a shard, without reading the others."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="np") as f:
         return f.get_tensor(name)
 

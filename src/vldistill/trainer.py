@@ -266,11 +266,7 @@ def _gather_pooled(emb: Embeddings) -> Embeddings:
 
 
 def _all_gather(x: Tensor) -> Tensor:
-    if x.requires_grad:
-        return _AllGather.apply(x)
-    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    return _AllGather.apply(x)  # tensors without gradient (teachers, caption groups) pass through it unchanged
 
 
 class _AllGather(torch.autograd.Function):
@@ -279,9 +275,10 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+        rank, world = _process_shard()
+        parts = [torch.empty_like(x) for _ in range(world)]
         torch.distributed.all_gather(parts, x.contiguous())
-        ctx.start, ctx.stop = torch.distributed.get_rank() * x.shape[0], (torch.distributed.get_rank() + 1) * x.shape[0]
+        ctx.start, ctx.stop = rank * x.shape[0], (rank + 1) * x.shape[0]
         return torch.cat(parts, dim=0)
 
     @staticmethod
@@ -298,8 +295,6 @@ class FitResult:
     output_dir: Path
     history: list[dict[str, Any]]
     wall_seconds: float
-    is_main_process: bool = True
-    """False on the other processes of a multi-process run: only the main one exports and evaluates."""
 
 
 def build_stage_loss(stage: StageConfig, dims: Dims, stage_index: int) -> WeightedLoss:
@@ -500,7 +495,7 @@ class Trainer:
             if tb is not None:
                 tb.close()
         self.student.eval()
-        return FitResult(self.student, self.output_dir, history, time.perf_counter() - start_time, main)
+        return FitResult(self.student, self.output_dir, history, time.perf_counter() - start_time)
 
     def _run_stage(self, index, stage: StageConfig, start_step, ckpt, history, metrics_file, tb) -> None:
         cfg, acc = self.cfg, self.accelerator
