@@ -49,10 +49,10 @@ from vldistill.config import RecipeConfig, load_recipe
 from vldistill.data.sources import LabelledData, load_data
 from vldistill.evaluation import EvalSet, agreement, evaluate
 from vldistill.models import Teacher
-from vldistill.pipeline import fit_recipe, tokenizer_corpus
-from vldistill.quickstart import reference_teacher
+from vldistill.students import prepare_student
 from vldistill.tokenization import train_wordpiece
-from vldistill.trainer import prepare_student
+from vldistill.train.fit import fit_recipe, tokenizer_corpus
+from vldistill.train.quickstart import reference_teacher
 
 LANGS = ["en", "zh"]
 METRICS = ("en_top1", "zh_top1", "r1", "agreement", "gain", "wall_seconds")

@@ -40,14 +40,15 @@ from typing import Any
 import torch
 
 from vldistill import __version__
+from vldistill.batching import Collator
 from vldistill.cache import CachedTeachers, build_cache, read_manifest, teacher_identity
 from vldistill.config import CacheConfig, load_recipe, to_dict
 from vldistill.data.sources import load_data
-from vldistill.models import DualEncoder, Teacher, as_teacher, load_teacher
-from vldistill.pipeline import tokenizer_corpus
+from vldistill.models import DualEncoder, Teacher, as_teacher, encode_batch, load_teacher
 from vldistill.students import STUDENTS, build_student
 from vldistill.tokenization import train_wordpiece
-from vldistill.trainer import Collator, Trainer, encode_batch
+from vldistill.train.fit import tokenizer_corpus
+from vldistill.train.loop import Trainer
 
 LANGS = ["en", "zh"]
 TEACHER_LANGS = ["en"]

@@ -18,27 +18,35 @@ from safetensors.torch import load_file
 
 import vldistill.cache as cache_mod
 from helpers import assert_same_rows, read_metrics
+from vldistill.batching import Collator, LiveTeachers, teacher_texts
 from vldistill.cache import (
+    FORMAT_VERSION,
     CachedTeachers,
     CacheError,
     apply_view,
     build_cache,
     build_recipe_cache,
+    dataset_digests,
+    dataset_fields,
+    fingerprint,
     open_recipe_cache,
     read_manifest,
     sample_digest,
     sample_view,
     teacher_identity,
 )
+from vldistill.cache import read as cache_read
+from vldistill.cache import writer as cache_writer
 from vldistill.cli import main
 from vldistill.config import CacheConfig, ConfigError, DataConfig, RecipeConfig, load_recipe
 from vldistill.data.pairs import PairDataset, Sample
 from vldistill.data.sources import LabelledData
-from vldistill.models import Teacher, as_teacher
-from vldistill.pipeline import fit_recipe, load_train_data, tokenizer_corpus
+from vldistill.data.tasks import ChoiceSample, TaskDataset, VQASample
+from vldistill.models import Teacher, as_teacher, encode_batch
 from vldistill.students import build_student, image_processor_for
 from vldistill.tokenization import train_wordpiece
-from vldistill.trainer import Collator, StageSampler, Trainer, encode_batch
+from vldistill.train.fit import fit_recipe, load_train_data, tokenizer_corpus
+from vldistill.train.loop import StageSampler, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
@@ -189,6 +197,122 @@ def test_cached_outputs_equal_the_live_teacher_on_a_batch(built, teacher, data):
     assert torch.equal(cached.text_mask["en"], live.text_mask["en"])
     torch.testing.assert_close(cached.logit_scale, live.logit_scale)
     assert source.dims == (teacher.dims,)
+
+
+# ------------------------------------------------------------------------------------------------ task samples
+N_TASK = 12
+
+
+def task_data(data: LabelledData, kind: str, change: dict[int, str] | None = None) -> TaskDataset:
+    """12 VQA or multiple-choice items on the bundled images (4 candidates, 3 rationales); ``change``: item ->
+    a new text for its second candidate."""
+    pairs = data.dataset.samples[:N_TASK]
+    items = []
+    for i, pair in enumerate(pairs):
+        where = {"image": pair.image, "data": pair.data, "id": str(i)}
+        if kind == "vqa":
+            items.append(VQASample(**where, question=f"what is shown {i}", answers=[pair.captions["en"]]))
+            continue
+        candidates = [pairs[(i + j) % N_TASK].captions["en"] for j in range(4)]
+        if change and i in change:
+            candidates[1] = change[i]
+        rationales = ["its colour", "its shape", f"picture {i}"]
+        items.append(
+            ChoiceSample(
+                **where,
+                question="which caption fits",
+                candidates=candidates,
+                answer_index=0,
+                rationales=rationales,
+                rationale_index=2,
+            )
+        )
+    return TaskDataset(items, preload=True, source=f"test:{kind}")
+
+
+@pytest.mark.parametrize("kind", ["vqa", "multiple_choice"])
+def test_a_cache_of_task_samples_gives_what_the_live_teacher_gives(kind, teacher, data, tmp_path):
+    """One column per text field: ``[n, d]``, or ``[n, C, d]`` for candidates; read back as the live teacher gives
+    them for a Collator batch (same fields, shapes and float32 values; token features only for plain fields)."""
+    ds, directory = task_data(data, kind), tmp_path / "c"
+    fields = {"vqa": ["question", "qa"], "multiple_choice": ["question", "candidates", "rationales"]}[kind]
+    assert dataset_fields(ds) == fields and dataset_fields(data.dataset) is None
+    cfg = recipe(tmp_path, directory)  # fd_tokens: token features are cached
+    summary = build_recipe_cache(cfg, [teacher], ds, progress=False)
+    assert summary["complete"] and summary["rows"] == N_TASK
+    manifest = read_manifest(directory)
+    assert manifest["format_version"] == FORMAT_VERSION == 2 and manifest["tokens"]
+    assert manifest["dataset"]["fields"] == sorted(fields) and manifest["teachers"][0]["fields"] == fields
+    shard = cache_read._Shard(directory / "shard-00000.safetensors", manifest["shards"][0]["bytes"])
+    d = teacher.dims.embed
+    assert shard.arrays["t0.text.question"].shape == (N_TASK, d)  # one shard of 12 rows
+    if kind == "vqa":
+        assert shard.arrays["t0.text.qa"].shape == (N_TASK, d) and "t0.text_tokens.qa" in shard.arrays
+    else:
+        assert shard.arrays["t0.text.candidates"].shape == (N_TASK, 4, d)
+        assert shard.arrays["t0.text.rationales"].shape == (N_TASK, 3, d)
+        assert "t0.text_tokens.candidates" not in shard.arrays and "t0.text_tokens.question" in shard.arrays
+
+    source = open_recipe_cache(cfg, ds, [teacher])
+    batch = Collator(teacher, [teacher], [], [fields])([ds[i] for i in (5, 0, 11, 3)])
+    needs = frozenset({"teacher", "image_tokens", "text_tokens"})
+    (live,) = LiveTeachers([teacher])(batch, needs)
+    (cached,) = source(batch, needs)
+    assert cached.text.keys() == live.text.keys() == set(fields)
+    for name in fields:
+        assert cached.text[name].shape == live.text[name].shape and cached.text[name].dtype == torch.float32
+        torch.testing.assert_close(cached.text[name], live.text[name])
+    assert cached.text_tokens.keys() == live.text_tokens.keys() == {f for f in fields if f in ("question", "qa")}
+    for name in live.text_tokens:
+        torch.testing.assert_close(cached.text_tokens[name], live.text_tokens[name])
+        assert torch.equal(cached.text_mask[name], live.text_mask[name])
+    torch.testing.assert_close(cached.image, live.image)
+    torch.testing.assert_close(cached.image_tokens, live.image_tokens)
+
+
+def test_a_changed_candidate_is_refused_by_the_fingerprint(teacher, data, tmp_path):
+    ds, directory = task_data(data, "multiple_choice"), tmp_path / "c"
+    fields = dataset_fields(ds)
+    build_cache(directory, [teacher], ds, [fields], options=CacheConfig(**SMALL), progress=False)
+    one = task_data(data, "multiple_choice", change={3: "a purple hexagon"})
+    # the texts are hashed through teacher_texts: records and item dicts give the same texts
+    assert teacher_texts(one.samples[3]) == teacher_texts(one[3]) != teacher_texts(ds[3])
+    assert fingerprint(dataset_digests(one, fields)) != read_manifest(directory)["dataset"]["fingerprint"]
+    items = [[d[i] for i in range(N_TASK)] for d in (ds, one)]  # raw item dicts (their decoded pixels are hashed)
+    a, b = (dataset_digests(x, fields) for x in items)
+    assert [i for i in range(N_TASK) if (a[i] != b[i]).any()] == [3]
+    identity = [teacher_identity(teacher)]
+    with pytest.raises(CacheError, match=r"^dataset: the cache lacks rows for 1 of the 12 training samples"):
+        CachedTeachers(directory, one, identity, [fields], CacheConfig(**SMALL))
+    every = task_data(data, "multiple_choice", change={i: "a purple hexagon" for i in range(N_TASK)})
+    with pytest.raises(CacheError, match=r"^dataset: the cache was built on another dataset .*none of the 12"):
+        CachedTeachers(directory, every, identity, [fields], CacheConfig(**SMALL))
+    CachedTeachers(directory, ds, identity, [fields], CacheConfig(**SMALL))  # the very data: served
+    with pytest.raises(
+        CacheError, match=r"^teachers\.0\.fields: the run needs text embeddings of the text fields \['qa'\]"
+    ):
+        CachedTeachers(directory, ds, identity, [["question", "qa"]], CacheConfig(**SMALL))
+
+
+def test_a_cache_of_the_old_format_is_refused_until_rebuilt(teacher, data, tmp_path):
+    ds, directory = subset(data, 16), tmp_path / "c"
+    cfg = recipe(tmp_path, directory)
+    build_recipe_cache(cfg, [teacher], ds, progress=False)
+    path = directory / "manifest.json"
+    old = json.loads(path.read_text())
+    old["format_version"] = 1  # as vldistill wrote it before text fields
+    path.write_text(json.dumps(old))
+    refused = (
+        r"format_version: the cache at .* was written by an older vldistill \(cache format 1; .* reads format 2\); "
+        r"rebuild it: `vldistill cache \.\.\. --rebuild`"
+    )
+    with pytest.raises(CacheError, match=refused):
+        open_recipe_cache(cfg, ds, [teacher])
+    with pytest.raises(CacheError, match=refused):
+        build_recipe_cache(cfg, [teacher], ds, progress=False)
+    summary = build_recipe_cache(cfg, [teacher], ds, rebuild=True, progress=False)
+    assert summary["complete"] and summary["built_rows"] == 16 and read_manifest(directory)["format_version"] == 2
+    open_recipe_cache(cfg, ds, [teacher])
 
 
 # ---------------------------------------------------------------------------------------------------- refusals
@@ -351,7 +475,7 @@ def test_several_teachers_share_one_cache(tokenizer, teacher, data, tmp_path):
     cfg.teachers.append(copy.deepcopy(cfg.teachers[0]))
     cfg.teachers[1].name_or_path, cfg.teachers[1].languages = "narrow", ["en", "zh"]
     build_recipe_cache(cfg, teachers, ds, progress=False)
-    shard = cache_mod._Shard(
+    shard = cache_read._Shard(
         tmp_path / "c" / "shard-00000.safetensors", read_manifest(tmp_path / "c")["shards"][0]["bytes"]
     )
     assert {"t0.image", "t0.text.en", "t1.image", "t1.text.en", "t1.text.zh"} <= set(shard.arrays)
@@ -414,8 +538,8 @@ def test_a_teacher_is_added_to_a_complete_cache_without_running_the_cached_one(
     before = load_file(directory / "shard-00001.safetensors")
 
     ran = []
-    real = cache_mod.encode_batch
-    monkeypatch.setattr(cache_mod, "encode_batch", lambda t, *a, **k: ran.append(t) or real(t, *a, **k))
+    real = cache_writer.encode_batch
+    monkeypatch.setattr(cache_writer, "encode_batch", lambda t, *a, **k: ran.append(t) or real(t, *a, **k))
     cfg = _two_teacher_recipe(tmp_path, directory, order=("narrow", "teacher"))  # any order: matched by identity
     cfg.teachers.insert(1, copy.deepcopy(cfg.teachers[0]))  # the same new teacher twice: added once
     summary = build_recipe_cache(cfg, [narrow, narrow, bilingual], ds, progress=False)
@@ -464,17 +588,17 @@ def test_an_interrupted_addition_is_never_used_and_resumes(tokenizer, bilingual,
     ds, directory, narrow = subset(data, 48), tmp_path / "c", _narrow(tokenizer)
     build_recipe_cache(recipe(tmp_path, directory), [bilingual], ds, progress=False)
     cfg = _two_teacher_recipe(tmp_path, directory)
-    real = cache_mod._add_columns
+    real = cache_writer._add_columns
 
     def killed_at_shard_1(directory, manifest, index, tensors):
         if index == 1:
             raise KeyboardInterrupt
         real(directory, manifest, index, tensors)
 
-    monkeypatch.setattr(cache_mod, "_add_columns", killed_at_shard_1)
+    monkeypatch.setattr(cache_writer, "_add_columns", killed_at_shard_1)
     with pytest.raises(KeyboardInterrupt):
         build_recipe_cache(cfg, [bilingual, narrow], ds, progress=False)
-    monkeypatch.setattr(cache_mod, "_add_columns", real)
+    monkeypatch.setattr(cache_writer, "_add_columns", real)
     manifest = read_manifest(directory)
     assert manifest["extending"] == {"from_teacher": 1, "shards_done": 1} and not manifest["complete"]
     with pytest.raises(CacheError, match=r"adding the teachers \['narrow'\] to it was interrupted"):
@@ -593,8 +717,8 @@ def test_mapped_pages_are_released_as_the_cache_is_read(built, teacher, data, mo
     cfg, _ = built
     source = open_recipe_cache(cfg, data.dataset, [teacher])
     released = []
-    monkeypatch.setattr(cache_mod, "RELEASE_BYTES", 1000)
-    monkeypatch.setattr(cache_mod._Shard, "release", lambda self: released.append(self))
+    monkeypatch.setattr(cache_read, "RELEASE_BYTES", 1000)
+    monkeypatch.setattr(cache_read._Shard, "release", lambda self: released.append(self))
     batch = {"index": torch.arange(8)}
     source(batch, frozenset({"teacher", "image_tokens"}))
     assert len(released) >= 4  # every shard, at least once
@@ -610,7 +734,7 @@ def test_cli_cache_from_teacher_and_data(teacher_dir, tmp_path, capsys):
     manifest = read_manifest(out)
     assert manifest["dtype"] == "float16" and manifest["augmentation"]["views"] == 2 and manifest["tokens"]
     assert manifest["shard_rows"] > 16 and len(manifest["shards"]) == 1
-    assert manifest["dataset"]["languages"] == ["en"] and manifest["teachers"][0]["id"] == str(teacher_dir.resolve())
+    assert manifest["dataset"]["fields"] == ["en"] and manifest["teachers"][0]["id"] == str(teacher_dir.resolve())
     assert main(["cache", "--data", "bundled:easyvqa", "--output", str(out)]) == 2
     assert "--teacher and --data" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:

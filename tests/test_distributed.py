@@ -19,14 +19,15 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from helpers import assert_same_rows, read_metrics
+from vldistill.batching import caption_group_ids as _groups
 from vldistill.cli import main
 from vldistill.config import ConfigError, load_recipe
 from vldistill.data.sources import load_data
 from vldistill.models import load_teacher
-from vldistill.pipeline import tokenizer_corpus
 from vldistill.students import build_student
 from vldistill.tokenization import train_wordpiece
-from vldistill.trainer import Trainer, _groups
+from vldistill.train.fit import tokenizer_corpus
+from vldistill.train.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
@@ -140,7 +141,7 @@ def test_caption_groups_depend_on_the_text_alone():
 
 def _trainer_with(monkeypatch, tmp_path, teacher_dir, **accelerator):
     """A Trainer whose Accelerator is replaced by a stand-in (``device``, ``num_processes``, ``distributed_type``)."""
-    import vldistill.trainer as trainer_mod
+    import vldistill.train.loop as trainer_mod
 
     fake = SimpleNamespace(**{"distributed_type": DistributedType.NO, "num_processes": 1, **accelerator})
     fake.device = torch.device(fake.device) if hasattr(fake, "device") else torch.device("cpu")

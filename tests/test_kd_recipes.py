@@ -29,12 +29,13 @@ from helpers import assert_same_rows, read_metrics
 from vldistill.cli import main
 from vldistill.config import ConfigError, DataConfig, load_recipe
 from vldistill.data.sources import load_data
+from vldistill.losses import build_stage_loss
 from vldistill.models import DualEncoder, Teacher, as_teacher, load_teacher
 from vldistill.outputs import Dims, Embeddings, ModelDims, StepOutputs
-from vldistill.pipeline import evaluate_model, fit_recipe, tokenizer_corpus
-from vldistill.students import build_student, image_processor_for
+from vldistill.students import build_student, image_processor_for, prepare_student
 from vldistill.tokenization import train_wordpiece
-from vldistill.trainer import Trainer, build_stage_loss, prepare_student
+from vldistill.train.fit import evaluate_model, fit_recipe, tokenizer_corpus
+from vldistill.train.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 

@@ -228,7 +228,7 @@ def test_fd_token_level_pools_teacher_grid_to_student_grid():
     t_tok = rng.normal(size=(2, 17, 3))
     w, b = [[1.0, 0.0], [0.5, -1.0], [0.0, 2.0]], [0.1, 0.0, -0.2]
     loss_fn = build_loss("fd", dims((2, 2, 2), (3, 3, 3)), level="token")
-    assert loss_fn.needs == frozenset({"teacher", "image_tokens"})
+    assert loss_fn.needs == frozenset({"teacher", "image", "image_tokens"})
     set_linear(loss_fn.adapters[0], w, b)
     out = StepOutputs(Embeddings(image_tokens=T(s_tok)), teachers=[Embeddings(image_tokens=T(t_tok))])
     loss, _ = loss_fn(out)
@@ -258,7 +258,7 @@ def test_fd_token_level_equal_grids_and_text_mask():
     per_token = ((s_txt - t_txt) ** 2).mean(axis=-1)
     expected = float((per_token * mask).sum() / mask.sum())  # padding (token 2 of row 0) left out
     loss_fn = build_loss("fd", d, tower="text", level="token")
-    assert loss_fn.needs == frozenset({"teacher", "text_tokens"})
+    assert loss_fn.needs == frozenset({"teacher", "text", "text_tokens"})
     approx(loss_fn(out)[0], expected)
 
 
@@ -478,9 +478,19 @@ def test_gradients_reach_student_and_adapters_not_teacher(name, options):
 
 def test_needs():
     d = dims((2, 2, 2), (2, 2, 2))
-    assert build_loss("clip", d).needs == frozenset()
-    for name in ("fd", "xling", "crd", "soft_ce", "icl"):
-        assert build_loss(name, d).needs == frozenset({"teacher"}), name
+    assert build_loss("clip", d).needs == frozenset({"image", "text"})
+    assert build_loss("fd", d).needs == frozenset({"teacher", "image"})
+    assert build_loss("fd", d, tower="text").needs == frozenset({"teacher", "text"})
+    for name in ("xling", "crd", "soft_ce", "icl"):
+        assert build_loss(name, d).needs == frozenset({"teacher", "image", "text"}), name
+
+
+def test_needs_are_declared_without_building_the_loss():
+    # the static declaration equals what the built loss reports, for every registered loss and a few options
+    d = dims((2, 2, 2), (2, 2, 2))
+    cases = [(name, {}) for name in LOSSES.names()] + [("fd", {"tower": "text", "level": "token"})]
+    for name, options in cases:
+        assert LOSSES.get(name).needs_for(**options) == build_loss(name, d, **options).needs, (name, options)
 
 
 def test_build_loss_errors():
@@ -548,7 +558,7 @@ def test_weighted_loss_combines_terms_and_reports_parts():
     approx(logs["fd_image"], 0.5)
     approx(logs["loss"], float(total.detach()))
     assert all(isinstance(v, float) for v in logs.values())
-    assert weighted.needs == frozenset({"teacher"})
+    assert weighted.needs == frozenset({"teacher", "image", "text"})
     assert weighted.terms == [("clip", 2.0, clip), ("fd_image", 0.5, fd)]
     assert "losses.fd_image.adapters.0.weight" in weighted.state_dict()
     assert "losses.clip.log_s" in weighted.state_dict()  # a buffer here (learnable=False), saved all the same
@@ -560,7 +570,7 @@ def test_weighted_loss_combines_terms_and_reports_parts():
 def test_weighted_loss_needs_union_and_label_errors():
     d = dims((2, 2, 2), (2, 2, 2))
     weighted = WeightedLoss([("clip", 1.0, build_loss("clip", d)), ("fd_tok", 1.0, build_loss("fd", d, level="token"))])
-    assert weighted.needs == frozenset({"teacher", "image_tokens"})
+    assert weighted.needs == frozenset({"teacher", "image", "text", "image_tokens"})
     clip = build_loss("clip", d)
     with pytest.raises(ValueError, match="term label 'clip' is used twice"):
         WeightedLoss([("clip", 1.0, clip), ("clip", 1.0, build_loss("clip", d))])
@@ -569,8 +579,22 @@ def test_weighted_loss_needs_union_and_label_errors():
     with pytest.raises(ValueError, match="at least one term"):
         WeightedLoss([])
 
-    class Custom(Loss):
+    class Custom(Loss):  # needs are an open set: a new kind and a new loss may agree on a new output
         needs = frozenset({"depth_map"})
 
-    with pytest.raises(ValueError, match=re.escape("term 'x' needs ['depth_map'], which the trainer does not know")):
-        WeightedLoss([("x", 1.0, Custom(d))])
+    assert WeightedLoss([("x", 1.0, Custom(d))]).needs == frozenset({"depth_map"})
+
+
+def test_check_needs_names_the_loss_and_the_missing_student_output():
+    from vldistill.config import ConfigError, LossConfig, StageConfig
+    from vldistill.losses import check_needs
+    from vldistill.students import STUDENT_OUTPUTS
+
+    stages = [
+        StageConfig(losses=[LossConfig(name="clip")]),
+        StageConfig(losses=[LossConfig("fd", options={"level": "token"})]),
+    ]
+    check_needs(stages[:1], frozenset({"image", "text"}), "toy", STUDENT_OUTPUTS)  # clip: pooled image and text
+    msg = "stages.1.losses.0 (fd): needs 'image_tokens' from the student, which a toy student does not provide"
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        check_needs(stages, frozenset({"image", "text"}), "toy", STUDENT_OUTPUTS)

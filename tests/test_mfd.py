@@ -29,14 +29,15 @@ from transformers import (
 )
 
 from helpers import T, dims, n_linear, set_linear
+from vldistill.batching import Collator
 from vldistill.config import DataConfig, load_recipe
-from vldistill.losses import WeightedLoss, build_loss
-from vldistill.models import DualEncoder, as_teacher
+from vldistill.losses import LOSSES, WeightedLoss, build_loss
+from vldistill.models import DualEncoder, as_teacher, encode_batch
 from vldistill.outputs import Embeddings, StepOutputs
-from vldistill.pipeline import load_train_data, tokenizer_corpus
 from vldistill.students import build_student
 from vldistill.tokenization import train_wordpiece
-from vldistill.trainer import Collator, Trainer, encode_batch
+from vldistill.train.fit import load_train_data, tokenizer_corpus
+from vldistill.train.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
@@ -246,6 +247,7 @@ def test_mfd_options_needs_and_errors():
     d = dims((2, 2, 2), (3, 2, 2))
     loss_fn = build_loss("mfd", d)
     assert loss_fn.needs == frozenset({"teacher", "masked_image"})
+    assert LOSSES.get("mfd").needs_for(mask_ratio=0.25) == loss_fn.needs
     assert loss_fn.mask_ratio == 0.5 and loss_fn.norm == "mse"
     with pytest.raises(ValueError, match=re.escape("loss 'mfd': mask_ratio=1 is not allowed; it must be a number in")):
         build_loss("mfd", d, mask_ratio=1)

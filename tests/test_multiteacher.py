@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from vldistill.batching import Collator
 from vldistill.config import load_recipe
 from vldistill.data.sources import load_data
 from vldistill.models import as_teacher
 from vldistill.students import CLIP_MEAN, CLIP_STD, build_student
 from vldistill.tokenization import train_wordpiece
-from vldistill.trainer import Collator, Trainer
+from vldistill.train.loop import Trainer
 
 
 def _teachers(corpus):

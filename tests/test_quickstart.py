@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoModel, CLIPModel, pipeline
 
-from vldistill import quickstart as qs
+from vldistill.train import quickstart as qs
 from vldistill.cli import main
 from vldistill.data.sources import load_data
 from vldistill.evaluation import evaluate_zeroshot
@@ -131,9 +131,9 @@ def test_eval_reports_a_missing_model_directory(tmp_path, capsys):
 
 
 def test_image_timing_helper_measures_the_image_tower():
-    from vldistill.pipeline import image_ms_per_image
     from vldistill.students import build_student
     from vldistill.tokenization import train_wordpiece
+    from vldistill.train.fit import image_ms_per_image
 
     model = build_student("test-clip", train_wordpiece(["a b c"], 50))
     ms = image_ms_per_image(model, [Image.new("RGB", (40, 40))] * 8, batch_size=8, repeats=2)

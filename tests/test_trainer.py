@@ -1,4 +1,4 @@
-"""Tests for vldistill.trainer: resume equivalence, atomic checkpoints, gradient accumulation, frozen towers and
+"""Tests for vldistill.train.loop: resume equivalence, atomic checkpoints, gradient accumulation, frozen towers and
 teachers, run outputs, mixed precision and bad recipes. Tiny ``test-clip`` models on 64 bundled easy-VQA samples."""
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-import vldistill.trainer as trainer_mod
+import vldistill.train.loop as trainer_mod
 from helpers import assert_same_rows, read_metrics, without_timing
 from vldistill.config import ConfigError, DataConfig, RecipeConfig, load_recipe, to_dict
 from vldistill.data.sources import LabelledData
 from vldistill.models import DualEncoder, Teacher, as_teacher
-from vldistill.pipeline import fit_recipe, load_train_data, tokenizer_corpus
 from vldistill.students import build_student
 from vldistill.tokenization import train_wordpiece
-from vldistill.trainer import FitResult, StageSampler, Trainer
+from vldistill.train.fit import fit_recipe, load_train_data, tokenizer_corpus
+from vldistill.train.loop import FitResult, StageSampler, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
@@ -549,6 +549,14 @@ def test_bad_loss_names_its_recipe_key(tmp_path, data, teacher, make_student, lo
         assert re.search(pattern, str(info.value)), f"{pattern!r} not in {info.value}"
 
 
+def test_unknown_trainable_group_lists_the_students_groups(tmp_path, data, make_student) -> None:
+    cfg = recipe(tmp_path / "run", [{"steps": 1, "losses": ["clip"], "trainable": ["image", "audio"]}], teacher=False)
+    msg = "stages.0.trainable: ['audio'] are not parameter groups of a dual_encoder student; it has ['image', 'scale', 'text']"
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        Trainer(cfg, make_student(), data.dataset)
+    assert not (tmp_path / "run").exists()
+
+
 def test_non_numeric_loss_weight(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"stages\.0\.losses\.0\.weight = 'high': expected a number"):
         recipe(tmp_path, [{"losses": [{"name": "clip", "weight": "high"}]}])
@@ -570,6 +578,6 @@ def test_missing_caption_language_and_too_small_data(tmp_path, data, make_studen
 
 
 def test_runs_with_other_mixed_precision_can_follow_each_other_in_one_process():
-    from vldistill.trainer import _accelerator
+    from vldistill.train.loop import _accelerator
 
     assert [_accelerator(mp).mixed_precision for mp in ("no", "bf16", "no")] == ["no", "bf16", "no"]

@@ -11,11 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, EvalConfig
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from .quickstart import run_quickstart
+    from .train.quickstart import run_quickstart
 
     run_quickstart(output_dir=args.output, teacher=args.teacher, fast=args.fast, seed=args.seed)
     return 0
@@ -23,7 +23,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _cmd_fit(args: argparse.Namespace, extra: list[str]) -> int:
     from .config import load_recipe, parse_overrides
-    from .pipeline import fit_recipe
+    from .train.fit import fit_recipe
 
     overrides = parse_overrides(extra)
     if args.teacher:
@@ -41,7 +41,7 @@ def _cmd_fit(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _cmd_cache(args: argparse.Namespace, extra: list[str]) -> int:
     from .config import load_recipe, parse_overrides
-    from .pipeline import cache_recipe
+    from .train.fit import cache_recipe
 
     overrides = parse_overrides(extra)
     for flag, key in (
@@ -85,10 +85,21 @@ def _cmd_cache(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .config import DataConfig
-    from .pipeline import evaluate_model
+    from .train.fit import EVAL_BATCH_SIZE, evaluate_model
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: it must be at least 1")
+    if args.teacher_languages and not args.teacher:
+        raise ConfigError("--teacher-languages: give --teacher too (the languages are the teacher's)")
     data = DataConfig(eval=args.data, eval_split=args.split, limit_eval=args.limit, image_root=args.image_root)
-    metrics = evaluate_model(args.model, data, languages=args.languages, teacher=args.teacher)
+    metrics = evaluate_model(
+        args.model,
+        data,
+        languages=args.languages,
+        teacher=args.teacher,
+        batch_size=args.batch_size or EVAL_BATCH_SIZE,
+        teacher_languages=args.teacher_languages,
+    )
     text = json.dumps(metrics, indent=2, ensure_ascii=False)
     print(text)
     if args.out:
@@ -197,8 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test")
     e.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
     e.add_argument("--image-root", default=None, help="directory for relative image paths in a manifest")
-    e.add_argument("--languages", nargs="+", default=None, help="languages to evaluate (default: all available)")
-    e.add_argument("--teacher", help="also report top-1 agreement with this teacher")
+    e.add_argument(
+        "--languages", nargs="+", default=None, help="languages to evaluate (default: every language of the data)"
+    )
+    e.add_argument("--teacher", help="also report top-1 agreement with this teacher, in the languages it reads")
+    e.add_argument("--teacher-languages", nargs="+", default=None, help="languages the teacher reads (default: en)")
+    e.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"images or texts per model call (default {EvalConfig().batch_size}: eval.batch_size)",
+    )
     e.add_argument("--out", help="also write the metrics to this JSON file")
 
     i = sub.add_parser("info", help="list registered teachers, students, losses, recipes and datasets")

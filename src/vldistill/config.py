@@ -78,6 +78,44 @@ class StudentConfig:
             raise ConfigError(f"vocab_size = {self.vocab_size}: must be at least 16")
 
 
+DOMAIN_SHIFTS = ("combos", "phrasings")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """The training regime: the full data, a low-shot fraction, a domain shift, or a domain shift and low-shot."""
+
+    low_shot: float | None = None
+    """Fraction of the training items to keep, in (0, 1]; ``null`` keeps all."""
+    domain_shift: str | None = None
+    """``combos`` (held-out attribute combinations of the image), ``phrasings`` (held-out question or hypothesis
+    phrasings), or ``null`` for none."""
+    hold_out: list[str] = field(default_factory=list)
+    """What the domain shift holds out of training and tests on: combinations such as ``red circle`` or phrasing
+    patterns such as ``what is the color of the *``; empty: the bundled easy-VQA data's defaults."""
+    seed: int = 0
+    """Seeds the low-shot draw."""
+
+    def __post_init__(self) -> None:
+        low = self.low_shot
+        if low is not None and (isinstance(low, bool) or not isinstance(low, int | float) or not 0 < low <= 1):
+            raise ConfigError(f"low_shot = {low!r}: must be a number in (0, 1], or null for all training items")
+        if self.domain_shift is not None and self.domain_shift not in DOMAIN_SHIFTS:
+            raise ConfigError(
+                f"domain_shift = {self.domain_shift!r}: must be one of {', '.join(DOMAIN_SHIFTS)}, or null"
+            )
+        hold_out = self.hold_out
+        if isinstance(hold_out, str) or not isinstance(hold_out, list | tuple):
+            raise ConfigError(f"hold_out = {hold_out!r}: must be a list of strings")
+        if not all(isinstance(value, str) and value.strip() for value in hold_out):
+            raise ConfigError(f"hold_out = {hold_out!r}: every entry must be a non-empty string")
+        if hold_out and self.domain_shift is None:
+            raise ConfigError(f"hold_out = {hold_out!r}: only used with domain_shift ({' or '.join(DOMAIN_SHIFTS)})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed = {self.seed!r}: must be an integer")
+        object.__setattr__(self, "hold_out", list(hold_out))
+
+
 @dataclass
 class DataConfig:
     """Training and evaluation data."""
@@ -106,6 +144,13 @@ class DataConfig:
     """Zero-shot class names per language for non-bundled evaluation data (labels index into them)."""
     templates: dict[str, list[str]] = field(default_factory=dict)
     """Zero-shot prompt templates per language (each with ``{}``); default ``a photo of a {}.``."""
+    task: Literal["pairs", "vqa", "entailment", "multiple_choice"] = "pairs"
+    """The kind of samples ``train`` and ``eval`` hold: image-text ``pairs`` (zero-shot classification and retrieval),
+    ``vqa``, ``entailment`` or ``multiple_choice`` (task data: see the README's "Data formats"). For task data,
+    ``languages`` names the text fields a dual-encoder student reads (e.g. ``[qa]``: question + right answer)."""
+    split: SplitConfig = field(default_factory=SplitConfig)
+    """The training regime, the same for every method compared: ``low_shot`` (a seeded fraction of the training
+    items), ``domain_shift`` (``combos`` or ``phrasings`` held out of training and tested on), or both."""
 
 
 @dataclass
@@ -132,8 +177,11 @@ class StageConfig:
     """Optimiser steps in this stage."""
     losses: list[LossConfig] = field(default_factory=lambda: [LossConfig()])
     """The weighted terms of the objective."""
-    trainable: list[Literal["image", "text"]] = field(default_factory=lambda: ["image", "text"])
-    """Student towers that receive gradients in this stage."""
+    trainable: list[str] = field(default_factory=lambda: ["image", "text"])
+    """Parameter groups of the student that receive gradients in this stage; every other parameter is frozen. The
+    groups are the student kind's own: ``image``, ``text``, ``scale`` for a dual encoder, e.g. ``lm``,
+    ``text_projection``, ``prefix`` for a seq2seq LM, ``embeddings``, ``encoder``, ``pooler``, ``head`` for a
+    cross-modal encoder (a name the student does not have is an error listing the ones it has)."""
     lr: float | None = None
     """Peak learning rate of this stage (default: ``train.lr``)."""
 
@@ -143,7 +191,9 @@ class StageConfig:
         if not self.losses:
             raise ConfigError(f"losses = []: give at least one loss (stage {self.name!r})")
         if not self.trainable:
-            raise ConfigError(f"trainable = []: give at least one of: image, text (stage {self.name!r})")
+            raise ConfigError(
+                f"trainable = []: give at least one parameter group, e.g. image, text (stage {self.name!r})"
+            )
 
 
 @dataclass

@@ -12,7 +12,7 @@ Adding a loss is one decorated class::
 
     @LOSSES.register("my_loss")
     class MyLoss(Loss):
-        needs = frozenset({"teacher"})
+        needs = frozenset({"teacher", "image", "text"})
 
         def __init__(self, dims: Dims, alpha: float = 1.0): ...
 
@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vldistill.outputs import Dims, Embeddings, ModelDims, StepOutputs
+from vldistill.config import ConfigError, StageConfig
+from vldistill.outputs import Dims, Embeddings, ModelDims, StepOutputs, field_name
 from vldistill.registry import Registry
 
 LOSSES = Registry("loss")
 
 #: What a loss can ask the trainer to compute besides the student's pooled embeddings.
-NEEDS = frozenset({"teacher", "image_tokens", "text_tokens", "masked_image"})
 NORMS = ("mse", "l1", "smooth_l1", "cosine")
 TOWERS = ("image", "text")
 LEVELS = ("pooled", "token")
@@ -56,9 +56,10 @@ def _check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
 
 
 def _check_lang(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{key}={value!r} is not allowed; it must be a language tag such as 'en'")
-    return value
+    """A text field: a caption language tag (``en``; ``caption.en`` is the same field) or a field name (``qa``)."""
+    if not isinstance(value, str) or not field_name(value):
+        raise ValueError(f"{key}={value!r} is not allowed; it must be a language tag such as 'en' or a text field")
+    return field_name(value)
 
 
 def _check_langs(key: str, value: Any) -> list[str]:
@@ -250,14 +251,20 @@ class Loss(nn.Module):
     """Base class: ``forward(out) -> (scalar loss, {part name: detached tensor})``.
 
     Attributes:
-        needs: what the trainer must compute for this loss, a subset of :data:`NEEDS` (``"teacher"``: teacher
-            outputs; ``"image_tokens"`` / ``"text_tokens"``: token features of student and teachers;
-            ``"masked_image"``: the student's masked-image embedding; such a loss also sets ``self.mask_ratio``, the
-            fraction of patches to drop). A class default; a loss whose needs depend on its options sets
-            ``self.needs`` in ``__init__``.
+        needs: what the trainer must compute for this loss, declared statically (without building the loss) by
+            :meth:`needs_for`: ``"teacher"`` (teacher outputs), outputs of the student named in
+            ``vldistill.students.STUDENT_OUTPUTS`` (``"image"``, ``"text"``, ``"image_tokens"`` /
+            ``"text_tokens"``: token features of student and teachers, ``"masked_image"``: the student's
+            masked-image embedding, such a loss also sets ``self.mask_ratio``; ``"task_logits"``, ``"lm_loss"``, ...).
+            The set is open: a new student kind and a new loss may agree on a new name.
     """
 
-    needs: frozenset[str] = frozenset()
+    needs: frozenset[str] = frozenset({"image", "text"})
+
+    @classmethod
+    def needs_for(cls, **options: Any) -> frozenset[str]:
+        """What this loss needs with these recipe options; a loss whose needs depend on its options overrides it."""
+        return cls.needs
 
     def __init__(self, dims: Dims):
         super().__init__()
@@ -405,7 +412,11 @@ class FeatureDistillation(Loss):
             _make_adapter(self._width(dims.student), self._width(dims.teachers[k]), adapter, what)
             for k in self.teachers
         )
-        self.needs = frozenset({"teacher", f"{tower}_tokens"} if level == "token" else {"teacher"})
+        self.needs = self.needs_for(tower=tower, level=level)
+
+    @classmethod
+    def needs_for(cls, tower: str = "image", level: str = "pooled", **options: Any) -> frozenset[str]:
+        return frozenset({"teacher", tower, f"{tower}_tokens"} if level == "token" else {"teacher", tower})
 
     def _width(self, model: ModelDims) -> int:
         if self.level == "pooled":
@@ -497,7 +508,11 @@ class MaskedFeatureDistillation(FeatureDistillation):
     ):
         super().__init__(dims, tower="image", norm=norm, level="pooled", teacher=teacher, adapter=adapter)
         self.mask_ratio = _check_ratio("mask_ratio", mask_ratio)
-        self.needs = frozenset({"teacher", "masked_image"})
+        self.needs = self.needs_for()
+
+    @classmethod
+    def needs_for(cls, **options: Any) -> frozenset[str]:
+        return frozenset({"teacher", "masked_image"})
 
     def _student_image(self, student: Embeddings) -> Tensor:
         return _present(student.image_masked, "the student masked-image embedding (image_masked)")
@@ -526,7 +541,7 @@ class CrossLingualDistillation(Loss):
         adapter: ``"auto"``, ``"linear"`` or ``"none"``, as in ``fd``.
     """
 
-    needs = frozenset({"teacher"})
+    needs = frozenset({"teacher", "image", "text"})
 
     def __init__(
         self,
@@ -589,7 +604,7 @@ class RelationalDistillation(Loss):
         teacher: index of the one teacher to use; ``None``: every teacher.
     """
 
-    needs = frozenset({"teacher"})
+    needs = frozenset({"teacher", "image", "text"})
 
     def __init__(
         self,
@@ -602,10 +617,10 @@ class RelationalDistillation(Loss):
         super().__init__(dims)
         self.lang = _check_lang("lang", lang)
         self.teacher_lang = self.lang if teacher_lang is None else _check_lang("teacher_lang", teacher_lang)
-        self.temperature = None if temperature is None else _check_positive("temperature", temperature)
         self.teachers = _select_teachers(dims, teacher)
-        if temperature is None:
-            self._init_logit_scale()
+        # The check (and message) of clip, icl and soft_ce: a temperature below 1/MAX_SCALE is refused.
+        self._init_logit_scale(temperature=temperature)
+        self.temperature = None if temperature is None else float(temperature)
 
     def forward(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         fixed = None if self.temperature is None else 1 / self.temperature
@@ -644,7 +659,7 @@ class SoftCrossEntropyDistillation(Loss):
             (overrides ``init_scale`` and ``learnable``); ``None``: the scales above.
     """
 
-    needs = frozenset({"teacher"})
+    needs = frozenset({"teacher", "image", "text"})
 
     def __init__(
         self,
@@ -701,7 +716,7 @@ class InteractiveContrastive(Loss):
             ``learnable``); ``None``: the learnable scale above.
     """
 
-    needs = frozenset({"teacher"})
+    needs = frozenset({"teacher", "image", "text"})
 
     def __init__(
         self,
@@ -739,6 +754,45 @@ class InteractiveContrastive(Loss):
         i2t_mean, t2i_mean = torch.stack(i2t).mean(), torch.stack(t2i).mean()
         parts = {"i2t": i2t_mean.detach(), "t2i": t2i_mean.detach(), "scale": scale.detach()}
         return 0.5 * (i2t_mean + t2i_mean), parts
+
+
+@LOSSES.register("task")
+class TaskLoss(Loss):
+    """The task loss of a student with a task head: cross-entropy of ``task_logits`` against the right answer.
+
+    ``L = CE(z, y)`` with ``z`` the head's logits ``[B, A]`` (answers, entailment labels, or candidates ``[B, C]``)
+    and ``y = targets["answer"]``. Samples whose answer is not in the vocabulary (``y = -1``) are ignored.
+    With ``soft: true`` and VQA soft scores in ``targets["answer_scores"]`` ``[B, A]``, binary cross-entropy times
+    the number of answers instead (what ``ViltForQuestionAnswering`` trains with).
+    """
+
+    needs = frozenset({"task_logits"})
+
+    def __init__(self, dims: Dims, soft: bool = False):
+        super().__init__(dims)
+        self.soft = _check_bool("soft", soft)
+
+    def forward(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = _present(out.student.extra.get("task_logits"), "student task_logits").float()
+        if self.soft:
+            scores = _present(out.targets.get("answer_scores"), "targets answer_scores").float()
+            return F.binary_cross_entropy_with_logits(logits, scores) * logits.shape[-1], {}
+        target = _present(out.targets.get("answer"), "targets answer").long()
+        if not bool((target >= 0).any()):  # no sample with a known answer: nothing to learn from this batch
+            return logits.sum() * 0.0, {}
+        return F.cross_entropy(logits, target, ignore_index=-1), {}
+
+
+@LOSSES.register("lm")
+class LanguageModelLoss(Loss):
+    """The seq2seq student's reconstruction loss: the decoder's mean token cross-entropy on its targets, computed
+    by the student (``extra["lm_loss"]``) with the teacher's image outputs as its encoder prefix. With span-corrupted
+    captions as input this is VLKD's image-conditioned text infilling (ICTI)."""
+
+    needs = frozenset({"teacher", "lm_loss"})
+
+    def forward(self, out: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+        return _present(out.student.extra.get("lm_loss"), "student lm_loss"), {}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -804,9 +858,6 @@ class WeightedLoss(nn.Module):
                 raise ValueError(f"term label {label!r} is used twice; labels must be unique")
             if not isinstance(loss, Loss):
                 raise ValueError(f"term {label!r}: {type(loss).__name__} is not a vldistill Loss")
-            unknown = loss.needs - NEEDS
-            if unknown:
-                raise ValueError(f"term {label!r} needs {sorted(unknown)}, which the trainer does not know")
             try:
                 self.losses[label] = loss
             except KeyError as err:  # a label that clashes with a ModuleDict attribute, e.g. "items"
@@ -845,3 +896,65 @@ class WeightedLoss(nn.Module):
         assert total is not None  # terms is non-empty
         logs["loss"] = float(total.detach())
         return total, logs
+
+
+# --------------------------------------------------------------------------------------------- stages
+def build_stage_loss(stage: StageConfig, dims: Dims, stage_index: int) -> WeightedLoss:
+    """Build a stage's weighted loss; errors name the recipe key of the offending term."""
+    terms = []
+    for j, term in enumerate(stage.losses):
+        key = f"stages.{stage_index}.losses.{j}"
+        try:
+            loss = build_loss(term.name, dims, **term.options)
+        except KeyError as err:
+            raise ConfigError(f"{key}.name: {err.args[0]}") from None
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key} ({term.name}): {err}") from None
+        if "teacher" in loss.needs and not dims.teachers:
+            raise ConfigError(f"{key}: loss {term.name!r} needs a teacher, but the recipe has none (set teacher:)")
+        terms.append((term.label or _label(term.name, term.options), term.weight, loss))
+    labels = [t[0] for t in terms]
+    dupes = {lab for lab in labels if labels.count(lab) > 1}
+    if dupes:
+        raise ConfigError(f"stages.{stage_index}: several loss terms are labelled {sorted(dupes)}; give each a label")
+    return WeightedLoss(terms)
+
+
+def _label(name: str, options: dict[str, Any]) -> str:
+    parts = [name] + [str(options[k]) for k in ("tower", "lang") if k in options]
+    return "_".join(parts)
+
+
+def stage_needs(stage: StageConfig, stage_index: int) -> list[tuple[str, frozenset[str]]]:
+    """Each term's needs, declared statically (nothing is built): ``[(recipe key, needs), ...]``."""
+    out = []
+    for j, term in enumerate(stage.losses):
+        key = f"stages.{stage_index}.losses.{j}"
+        try:
+            cls = LOSSES.get(term.name)
+        except KeyError as err:
+            raise ConfigError(f"{key}.name: {err.args[0]}") from None
+        out.append((f"{key} ({term.name})", cls.needs_for(**term.options)))
+    return out
+
+
+def check_needs(
+    stages: Sequence[StageConfig], provides: frozenset[str], kind: str, student_outputs: frozenset[str]
+) -> None:
+    """Fail before training when a loss needs an output that the student kind does not provide.
+
+    Args:
+        stages: the recipe's stages.
+        provides: what the student kind's ``forward`` can fill.
+        kind: the student kind's name (for the message).
+        student_outputs: the names that are student outputs (``vldistill.students.STUDENT_OUTPUTS``); other
+            needs (``teacher``) are checked against the teacher source.
+    """
+    for i, stage in enumerate(stages):
+        for key, needs in stage_needs(stage, i):
+            missing = sorted((needs & student_outputs) - provides)
+            if missing:
+                raise ConfigError(
+                    f"{key}: needs {', '.join(map(repr, missing))} from the student, which a {kind} student does not "
+                    f"provide (it provides: {', '.join(sorted(provides))})"
+                )

@@ -14,13 +14,16 @@ import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel
 
-from .outputs import ModelDims
+from .config import ConfigError
+from .dist import process_shard
+from .outputs import Embeddings, ModelDims
 from .registry import Registry
 
 # model_type -> what the adapter needs to know about that family.
@@ -94,6 +97,31 @@ class DualEncoder(nn.Module):
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+
+    # ------------------------------------------------------------------------------- the student-kind contract
+    kind = "dual_encoder"
+    #: What ``forward`` can fill (see ``vldistill.students.kinds``).
+    provides = frozenset({"image", "text", "image_tokens", "text_tokens", "masked_image"})
+
+    def processor(self) -> DualEncoderProcessor:
+        """This model's own preprocessing, picklable (it holds the tokenizer and image processor, not the model)."""
+        return DualEncoderProcessor(self)
+
+    def param_groups(self) -> dict[str, tuple[str, ...]]:
+        """``image`` (vision tower + its projection), ``text`` (text tower + its projection) and ``scale`` (the
+        model's own contrastive logit scale and bias, which ``clip`` losses learn in their own parameter and copy
+        back at the end of a stage)."""
+        return {
+            "image": ("model.vision_model.", "model.visual_projection."),
+            "text": ("model.text_model.", "model.text_projection."),
+            "scale": ("model.logit_scale", "model.logit_bias"),
+        }
+
+    def forward(
+        self, inputs: dict, needs: frozenset[str], teacher: Embeddings | None = None, mask_ratio: float | None = None
+    ) -> Embeddings:
+        """Encode one preprocessed batch (see :func:`encode_batch`); a dual encoder does not read ``teacher``."""
+        return encode_batch(self, inputs, needs, mask_ratio)
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -237,6 +265,63 @@ class DualEncoder(nn.Module):
             return nn.functional.normalize(self.encode_text(**enc).float(), dim=-1).cpu()
 
 
+class DualEncoderProcessor:
+    """A dual encoder's own preprocessing (tokenizer + image processor); picklable, so it runs in DataLoader workers."""
+
+    def __init__(self, model: DualEncoder):
+        self.image_processor, self.tokenizer = model.image_processor, model.tokenizer
+        self.model_type, self.max_length = model.model_type, model.max_length
+
+    def __call__(self, images, texts: dict[str, list], fields) -> dict[str, Any]:
+        """Images and the texts of each field (``texts[field]``: one string per sample, or one list of strings per
+        sample for a candidate field, all of one length ``C``) -> model inputs. A candidate field is tokenised as
+        ``B * C`` texts and carries ``candidates = C``, so that :func:`encode_batch` gives ``[B, C, d]``."""
+        text = {}
+        for name in fields:
+            values = texts[name]
+            if values and isinstance(values[0], (list, tuple)):
+                counts = {len(v) for v in values}
+                if len(counts) != 1:
+                    raise ValueError(
+                        f"text field {name!r}: every sample needs the same number of candidates, got {counts}"
+                    )
+                flat = [t for v in values for t in v]
+                text[name] = {**tokenize_texts(self.tokenizer, self.model_type, self.max_length, flat)}
+                text[name]["candidates"] = counts.pop()
+            else:
+                text[name] = tokenize_texts(self.tokenizer, self.model_type, self.max_length, values)
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "text": text}
+
+
+def encode_batch(
+    model: DualEncoder, inputs: dict[str, Any], needs: frozenset[str], mask_ratio: float | None = None
+) -> Embeddings:
+    """Run one model on its preprocessed batch inputs and collect what the losses need.
+
+    With ``"masked_image"`` in ``needs``, a student (not a :class:`Teacher`) also encodes its images with a random
+    ``mask_ratio`` of their patches dropped, into ``image_masked``; the masks come from torch's global RNG, which the
+    checkpoints save, so a resumed run draws the same masks.
+    """
+    out = Embeddings(logit_scale=model.logit_scale())
+    image = model.encode_image(inputs["pixel_values"], return_tokens="image_tokens" in needs)
+    out.image, out.image_tokens = image if isinstance(image, tuple) else (image, None)
+    if "masked_image" in needs and not isinstance(model, Teacher):
+        if mask_ratio is None:
+            raise ValueError("a loss needs 'masked_image', but encode_batch got no mask_ratio")
+        out.image_masked = model.encode_image_masked(inputs["pixel_values"], mask_ratio, shard=process_shard())
+    for name, enc in inputs["text"].items():
+        candidates = enc.get("candidates")
+        tokens = "text_tokens" in needs and candidates is None  # token features of candidate fields are not kept
+        text = model.encode_text(enc["input_ids"], enc["attention_mask"], return_tokens=tokens)
+        if isinstance(text, tuple):
+            out.text[name], out.text_tokens[name] = text
+            out.text_mask[name] = enc["attention_mask"].to(text[1].device)
+        else:
+            out.text[name] = text if candidates is None else text.reshape(-1, candidates, text.shape[-1])
+    return out
+
+
 @contextmanager
 def _eval_mode(module: nn.Module):
     """Evaluate without dropout, then give the module back in the mode it was in (e.g. mid-training)."""
@@ -295,3 +380,20 @@ def load_teacher(
 def as_teacher(encoder: DualEncoder, languages: Sequence[str] = ("en",)) -> Teacher:
     """Freeze an already-loaded dual encoder (e.g. a freshly trained reference teacher)."""
     return Teacher(encoder.model, encoder.tokenizer, encoder.image_processor, encoder.max_length, languages)
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def prepare_teachers(cfg, loaded: Sequence[Teacher] | None = None) -> list[Teacher]:
+    """Load the recipe's teachers (or take already loaded ones)."""
+    if loaded is not None:
+        return list(loaded)
+    teachers = []
+    for i, tcfg in enumerate(cfg.teachers):
+        if not tcfg.name_or_path:
+            raise ConfigError(f"teachers.{i}.name_or_path is not set: give a hub id or directory (--teacher PATH)")
+        teachers.append(
+            load_teacher(tcfg.name_or_path, tcfg.revision, tcfg.trust_remote_code, DTYPES[tcfg.dtype], tcfg.languages)
+        )
+    return teachers

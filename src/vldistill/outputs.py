@@ -17,7 +17,10 @@ class Embeddings:
 
     Attributes:
         image: pooled, projected image embedding ``[B, d]``, not normalised (losses normalise as they need).
-        text: language tag -> pooled, projected text embedding ``[B, d]`` of that language's caption.
+        text: text field -> pooled, projected text embedding: ``[B, d]``, or ``[B, C, d]`` for a field with one text
+            per candidate (``candidates``). Fields: a caption language tag (``en``, ``zh``: the caption in that
+            language; ``caption.en`` is accepted as a spelling of ``en``), ``question``, ``qa`` (question + right
+            answer), ``hypothesis``, ``candidates``.
         image_tokens: last hidden states of the image tower ``[B, n, h]`` (first token = [CLS] where the model
             has one), present only when a loss asked for token features.
         text_tokens: language -> last hidden states of the text tower ``[B, L, h]``.
@@ -25,6 +28,8 @@ class Embeddings:
         image_masked: student only: pooled embedding ``[B, d]`` of the image with a fraction of its patches
             dropped (masked feature distillation).
         logit_scale: the model's own contrastive scale ``s = exp(log_s)`` (a scalar tensor), when it has one.
+        extra: any other named output of a student kind (the names in ``vldistill.students.STUDENT_OUTPUTS``:
+            ``token_states``, ``cls_attention``, ``task_logits``, ``lm_loss``, ``text_feature``, ...).
     """
 
     image: Tensor | None = None
@@ -34,6 +39,12 @@ class Embeddings:
     text_mask: dict[str, Tensor] = field(default_factory=dict)
     image_masked: Tensor | None = None
     logit_scale: Tensor | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+def field_name(name: str) -> str:
+    """The canonical name of a text field: ``caption.en`` -> ``en`` (language tags name caption fields)."""
+    return name.removeprefix("caption.")
 
 
 @dataclass
@@ -45,11 +56,14 @@ class StepOutputs:
         teachers: one entry per teacher (no gradients); empty when training without a teacher.
         groups: language -> ``[B]`` integer ids with ``groups[l][i] == groups[l][j]`` exactly when captions
             ``i`` and ``j`` of that language are identical strings (the contrastive loss needs this).
+        targets: training targets of the batch, e.g. ``answer`` ``[B]`` (index of the right answer / label /
+            candidate), ``answer_scores`` ``[B, A]``; losses read targets here, never from the raw batch.
     """
 
     student: Embeddings
     teachers: list[Embeddings] = field(default_factory=list)
     groups: dict[str, Tensor] = field(default_factory=dict)
+    targets: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """One entry point from a data spec string to labelled data: ``bundled:NAME``, a manifest, or ``hf:NAME``.
 
 Bundled datasets are registered in :data:`DATASETS` (``vldistill info`` lists them); adding one is one decorated
-function returning :class:`LabelledData`.
+function returning :class:`LabelledData` (image-caption pairs) or a :class:`~vldistill.data.tasks.TaskDataset`
+(VQA, entailment, multiple choice). :func:`load_data` returns either; :func:`load_task_data` reads task data of
+one kind from a bundled name, a JSONL manifest or ``hf:NAME``.
 """
 
 from __future__ import annotations
@@ -9,13 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..evaluation import EvalSet
 from ..registry import Registry
 from .easyvqa import load_easyvqa
+from .easyvqa_tasks import easyvqa_entailment, easyvqa_mc, easyvqa_vqa
 from .pairs import DataError, PairDataset, load_hf_dataset, load_manifest
+from .tasks import TaskDataset, load_task_hf, load_task_manifest
 
 DATASETS = Registry("dataset")
 
@@ -60,6 +65,35 @@ def easyvqa(split: str, languages: Sequence[str], limit: int | None = None, seed
     return LabelledData(getattr(bundled, split), bundled.classnames, bundled.templates)
 
 
+def _english_only(name: str, languages: Sequence[str] | None) -> None:
+    if languages is not None and "en" not in languages:
+        raise DataError(f"bundled:{name} is English only; languages {list(languages)} do not include 'en'")
+
+
+@DATASETS.register("easyvqa-vqa")
+def easyvqa_vqa_data(split: str, limit: int | None = None, seed: int = 0, **kw: Any) -> TaskDataset:
+    """easy-VQA's own questions and 13 answers as VQA (English), question types yes_no/colour/shape, its own split
+    (38,575 / 9,673 questions); the answer vocabulary is always the training split's."""
+    _english_only("easyvqa-vqa", kw.pop("languages", None))
+    return easyvqa_vqa(split, limit=limit, seed=seed, **kw)
+
+
+@DATASETS.register("easyvqa-entailment")
+def easyvqa_entailment_data(split: str, limit: int | None = None, seed: int = 0, **kw: Any) -> TaskDataset:
+    """Visual entailment on easy-VQA images (English): per image one entailed, one neutral and one contradicted
+    hypothesis derived from its colour and shape (``per_class=`` for more), its own split."""
+    _english_only("easyvqa-entailment", kw.pop("languages", None))
+    return easyvqa_entailment(split, limit=limit, seed=seed, **kw)
+
+
+@DATASETS.register("easyvqa-mc")
+def easyvqa_mc_data(split: str, limit: int | None = None, seed: int = 0, **kw: Any) -> TaskDataset:
+    """Multiple choice on easy-VQA images (English): per image one question with 4 candidate answers and 4 candidate
+    rationales, its own split."""
+    _english_only("easyvqa-mc", kw.pop("languages", None))
+    return easyvqa_mc(split, limit=limit, seed=seed, **kw)
+
+
 def load_data(
     spec: str,
     split: str = "train",
@@ -70,8 +104,12 @@ def load_data(
     skip_bad: bool = False,
     classnames: dict[str, list[str]] | None = None,
     templates: dict[str, list[str]] | None = None,
-) -> LabelledData:
-    """Resolve a data spec (see ``DataConfig.train``) to labelled data."""
+) -> LabelledData | TaskDataset:
+    """Resolve a data spec (see ``DataConfig.train``) to labelled data.
+
+    A ``bundled:`` name whose factory returns task data (``bundled:easyvqa-vqa``, ``-entailment``, ``-mc``) is
+    returned as that :class:`~vldistill.data.tasks.TaskDataset`; :func:`load_task_data` reads task data from any
+    source."""
     if spec.startswith("bundled:"):
         name = spec.removeprefix("bundled:")
         try:
@@ -79,6 +117,8 @@ def load_data(
         except KeyError as err:
             raise DataError(str(err.args[0])) from None
         data = factory(split=split, languages=list(languages or ("en", "zh")), limit=limit)
+        if isinstance(data, TaskDataset):
+            return data
     else:
         if spec.startswith("hf:"):
             dataset = load_hf_dataset(
@@ -98,3 +138,54 @@ def load_data(
     if templates:
         data.templates = templates
     return data
+
+
+def load_task_data(
+    spec: str,
+    kind: str,
+    split: str = "train",
+    limit: int | None = None,
+    seed: int = 0,
+    image_root: str | None = None,
+    columns: dict[str, str] | None = None,
+    skip_bad: bool = False,
+    answers: Sequence[str] | None = None,
+) -> TaskDataset:
+    """Resolve a data spec to task data of one kind (``"vqa"``, ``"entailment"``, ``"multiple_choice"``).
+
+    Args:
+        spec: ``bundled:NAME`` (e.g. ``bundled:easyvqa-vqa``), a ``.jsonl`` manifest, or ``hf:NAME_OR_PATH``.
+        kind: the task kind; a bundled dataset of another kind is an error.
+        split: split of bundled and ``hf:`` data.
+        limit: keep only the first this many items (bundled: of images in a seeded order).
+        seed: seeds bundled data.
+        image_root: directory that relative image paths in a manifest are resolved against.
+        columns: column mapping for ``hf:`` data.
+        skip_bad: skip bad rows (their count is printed) instead of failing.
+        answers: VQA answer vocabulary, e.g. the training set's ``answers`` for an evaluation set.
+    """
+    if spec.startswith("bundled:"):
+        name = spec.removeprefix("bundled:")
+        try:
+            factory = DATASETS.get(name)
+        except KeyError as err:
+            raise DataError(str(err.args[0])) from None
+        extra = {"answers": list(answers)} if answers is not None and kind == "vqa" else {}
+        dataset = factory(split=split, languages=["en"], limit=limit, seed=seed, **extra)
+        if not isinstance(dataset, TaskDataset) or dataset.kind != kind:
+            got = dataset.kind if isinstance(dataset, TaskDataset) else "image-caption pairs"
+            raise DataError(f"data spec {spec!r} holds {got} data, not {kind!r}")
+        return dataset
+    if spec.startswith("hf:"):
+        dataset = load_task_hf(
+            spec.removeprefix("hf:"), kind, split=split, columns=columns, skip_bad=skip_bad, answers=answers
+        )
+    elif Path(spec).suffix.lower() in (".jsonl", ".ndjson"):
+        dataset = load_task_manifest(spec, kind, image_root=image_root, skip_bad=skip_bad, answers=answers)
+    else:
+        raise DataError(f"task data spec {spec!r}: expected bundled:NAME, a .jsonl manifest, or hf:NAME_OR_PATH")
+    if skip_bad and dataset.skipped:
+        print(dataset.summary(), flush=True)
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.subset(range(limit))
+    return dataset

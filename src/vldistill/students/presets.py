@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,15 +23,16 @@ from transformers import (
     BertConfig,
     BertModel,
     CLIPConfig,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPModel,
     VisionTextDualEncoderConfig,
     VisionTextDualEncoderModel,
     ViTConfig,
 )
 
-from .models import DualEncoder
-from .registry import Registry
+from ..config import ConfigError, RecipeConfig
+from ..models import DualEncoder
+from ..registry import Registry
 
 STUDENTS = Registry("student")
 
@@ -41,9 +43,9 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def image_processor_for(size: int, mean=STUDENT_MEAN, std=STUDENT_STD) -> CLIPImageProcessor:
+def image_processor_for(size: int, mean=STUDENT_MEAN, std=STUDENT_STD) -> CLIPImageProcessorPil:
     """Resize the short side to ``size``, centre-crop to ``size`` x ``size``, rescale and normalise."""
-    return CLIPImageProcessor(
+    return CLIPImageProcessorPil(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_mean=list(mean),
@@ -301,3 +303,34 @@ def pretrained_student(tokenizer=None, name_or_path: str | None = None, **overri
 def build_student(preset: str, tokenizer=None, **options: Any) -> DualEncoder:
     """Build a registered student preset; unknown presets fail with the list of registered ones."""
     return STUDENTS.get(preset)(tokenizer=tokenizer, **options)
+
+
+def prepare_student(
+    cfg: RecipeConfig, corpus: Sequence[str] = (), tokenizer=None, teachers: Sequence[DualEncoder] = ()
+) -> DualEncoder:
+    """Build the student preset; trains a tokenizer on ``corpus`` when the preset needs one and none is given.
+
+    A preset that builds on the teacher (e.g. ``mclip-text``, which reuses its image tower) gets ``teachers[0]``.
+    """
+    from ..tokenization import train_wordpiece
+
+    scfg = cfg.student
+    options: dict[str, Any] = dict(scfg.overrides)
+    if scfg.preset == "pretrained":
+        options["name_or_path"] = scfg.name_or_path
+    if scfg.preset == "vtde":
+        options.update(vision=scfg.vision, text=scfg.text)
+    if takes_teacher(scfg.preset):
+        if not teachers:
+            raise ConfigError(f"student.preset: {scfg.preset!r} builds on the teacher, but none is set (teacher:)")
+        options["teacher"] = teachers[0]
+    tok = tokenizer or scfg.tokenizer
+    if tok is None and scfg.preset not in ("pretrained", "vtde"):
+        if not corpus:
+            raise ConfigError("student.tokenizer is not set and there is no text to train one on")
+        tok = train_wordpiece(corpus, vocab_size=scfg.vocab_size)
+    torch.manual_seed(cfg.train.seed)
+    try:
+        return build_student(scfg.preset, tokenizer=tok, **options)
+    except KeyError as err:
+        raise ConfigError(f"student.preset: {err.args[0]}") from None

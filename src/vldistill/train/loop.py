@@ -18,7 +18,6 @@ This module sits on top of the library: nothing in ``vldistill`` imports it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -38,80 +37,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import ConfigError, RecipeConfig, StageConfig, to_dict
-from .losses import WeightedLoss, build_loss
-from .models import DualEncoder, Teacher, load_teacher, tokenize_texts
-from .outputs import Dims, Embeddings, StepOutputs
-from .students import build_student
-
-TOWER_PREFIXES = {"image": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-# --------------------------------------------------------------------------------------------- preprocessing
-class Collator:
-    """Turns raw samples into each model's own inputs: the student and every teacher preprocess separately.
-
-    Picklable (it holds processors, not models), so it runs inside DataLoader workers.
-
-    ``views`` (a teacher cache's stored augmentations, see ``vldistill.cache.ViewTable``): each sample's image is
-    first cut to the view the sampler chose for it (``sample["view"]``), so the student sees the very view whose
-    teacher outputs were cached; ``batch["views"]`` tells the cache which view to read.
-    """
-
-    def __init__(
-        self,
-        student: DualEncoder,
-        teachers: Sequence[DualEncoder],
-        languages: Sequence[str],
-        teacher_languages,
-        views=None,
-    ):
-        self.student = _Processor(student)
-        self.teachers = [_Processor(t) for t in teachers]
-        self.languages = list(languages)
-        self.teacher_languages = [list(langs) for langs in teacher_languages]
-        self.views = views
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        images = [s["image"] for s in samples]
-        if self.views is not None:
-            images = [
-                self.views.apply(img, s["index"], s.get("view", 0)) for img, s in zip(images, samples, strict=True)
-            ]
-        captions = {lang: [s["captions"][lang] for s in samples] for lang in self.languages}
-        batch = {
-            "index": torch.tensor([s["index"] for s in samples]),
-            "views": torch.tensor([s.get("view", 0) for s in samples]),
-            "labels": torch.tensor([s.get("label", -1) for s in samples]),
-            "groups": {lang: _groups(texts) for lang, texts in captions.items()},
-            "student": self.student(images, captions, self.languages),
-            "teachers": [
-                proc(images, captions, langs) for proc, langs in zip(self.teachers, self.teacher_languages, strict=True)
-            ],
-        }
-        return batch
-
-
-class _Processor:
-    def __init__(self, model: DualEncoder):
-        self.image_processor, self.tokenizer = model.image_processor, model.tokenizer
-        self.model_type, self.max_length = model.model_type, model.max_length
-
-    def __call__(self, images, captions: dict[str, list[str]], languages) -> dict[str, Any]:
-        text = {
-            lang: tokenize_texts(self.tokenizer, self.model_type, self.max_length, captions[lang]) for lang in languages
-        }
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "text": text}
-
-
-def _groups(texts: list[str]) -> Tensor:
-    """Caption ids that depend on the text alone (a 64-bit hash), so that the shards of one batch on several
-    processes give equal ids to equal captions when they are gathered."""
-    return torch.tensor(
-        [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True) for t in texts]
-    )
+from ..batching import Collator, LiveTeachers, TeacherSource, teacher_texts
+from ..config import ConfigError, RecipeConfig, StageConfig, to_dict
+from ..dist import process_shard
+from ..losses import WeightedLoss, build_stage_loss, check_needs, stage_needs
+from ..models import DualEncoder, Teacher
+from ..outputs import Dims, Embeddings, StepOutputs
+from ..students import STUDENT_OUTPUTS, set_trainable
 
 
 class StageSampler:
@@ -164,61 +96,14 @@ class _WithViews(torch.utils.data.Dataset):
         return {**self.data[index], "view": view}
 
 
-# ------------------------------------------------------------------------------------------ teacher sources
-class TeacherSource(Protocol):
-    """Where teacher outputs come from. The trainer reaches teachers only through this interface.
-
-    A source may also have ``dims`` (each teacher's :class:`ModelDims`, when no teacher is loaded), ``views``
-    (stored augmentations the collator replays on the student) and ``check_needs(needs, where)`` (fails before
-    training on what it cannot give): ``vldistill.cache.CachedTeachers`` has all three.
-    """
-
-    def __call__(self, batch: dict[str, Any], needs: frozenset[str]) -> list[Embeddings]: ...
-
-
-class LiveTeachers:
-    """Runs each frozen teacher on its own preprocessed inputs."""
-
-    def __init__(self, teachers: Sequence[Teacher]):
-        self.teachers = list(teachers)
-
-    def __call__(self, batch: dict[str, Any], needs: frozenset[str]) -> list[Embeddings]:
-        return [encode_batch(t, inputs, needs) for t, inputs in zip(self.teachers, batch["teachers"], strict=True)]
-
-
-def encode_batch(
-    model: DualEncoder, inputs: dict[str, Any], needs: frozenset[str], mask_ratio: float | None = None
-) -> Embeddings:
-    """Run one model on its preprocessed batch inputs and collect what the losses need.
-
-    With ``"masked_image"`` in ``needs``, a student (not a :class:`Teacher`) also encodes its images with a random
-    ``mask_ratio`` of their patches dropped, into ``image_masked``; the masks come from torch's global RNG, which the
-    checkpoints save, so a resumed run draws the same masks.
-    """
-    out = Embeddings(logit_scale=model.logit_scale())
-    image = model.encode_image(inputs["pixel_values"], return_tokens="image_tokens" in needs)
-    out.image, out.image_tokens = image if isinstance(image, tuple) else (image, None)
-    if "masked_image" in needs and not isinstance(model, Teacher):
-        if mask_ratio is None:
-            raise ValueError("a loss needs 'masked_image', but encode_batch got no mask_ratio")
-        out.image_masked = model.encode_image_masked(inputs["pixel_values"], mask_ratio, shard=_process_shard())
-    for lang, enc in inputs["text"].items():
-        text = model.encode_text(enc["input_ids"], enc["attention_mask"], return_tokens="text_tokens" in needs)
-        if isinstance(text, tuple):
-            out.text[lang], out.text_tokens[lang] = text
-            out.text_mask[lang] = enc["attention_mask"].to(text[1].device)
-        else:
-            out.text[lang] = text
-    return out
-
-
 class DistillModule(nn.Module):
     """Student + this stage's losses: the one module Accelerate prepares (DDP syncs through ``forward``).
 
-    Teachers are not submodules: they are frozen, never saved with the run, and may be a cache.
+    Teachers are not submodules: they are frozen, never saved with the run, and may be a cache. Their outputs are
+    computed first, so the student may read them (``forward(inputs, needs, teacher=...)``).
     """
 
-    def __init__(self, student: DualEncoder, loss: WeightedLoss, teachers: TeacherSource | None):
+    def __init__(self, student: nn.Module, loss: WeightedLoss, teachers: TeacherSource | None):
         super().__init__()
         self.student = student
         self.loss = loss
@@ -226,17 +111,21 @@ class DistillModule(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         needs = self.loss.needs
-        student = encode_batch(self.student, batch["student"], needs, getattr(self.loss, "mask_ratio", None))
         teachers = self._teachers(batch, needs) if ("teacher" in needs and self._teachers) else []
-        groups = {lang: g.to(student.image.device) for lang, g in batch["groups"].items()}
-        return self.loss(gather_outputs(StepOutputs(student=student, teachers=teachers, groups=groups)))
+        options = {"mask_ratio": self.loss.mask_ratio} if getattr(self.loss, "mask_ratio", None) is not None else {}
+        student = self.student(batch["student"], needs, teacher=teachers[0] if teachers else None, **options)
+        device = _device_of(student)
+        groups = {lang: g.to(device) for lang, g in batch["groups"].items()}
+        targets = {k: t.to(device) for k, t in batch.get("targets", {}).items()}
+        out = StepOutputs(student=student, teachers=teachers, groups=groups, targets=targets)
+        return self.loss(gather_outputs(out))
 
 
-def _process_shard() -> tuple[int, int]:
-    """``(rank, world size)`` of this process in a multi-process run, ``(0, 1)`` otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _device_of(emb: Embeddings) -> torch.device:
+    for value in (emb.image, *emb.text.values(), *emb.extra.values()):
+        if isinstance(value, Tensor):
+            return value.device
+    return torch.device("cpu")
 
 
 def gather_outputs(out: StepOutputs) -> StepOutputs:
@@ -247,7 +136,7 @@ def gather_outputs(out: StepOutputs) -> StepOutputs:
     lengths differ between shards): token-level ``fd`` becomes the mean of the shards' means, which equals the
     whole batch's for image tokens; for text tokens, whose padding is masked, the shards' token counts may differ, so
     it is close to the single-process value but not exact. One process: unchanged."""
-    if _process_shard()[1] == 1:
+    if process_shard()[1] == 1:
         return out
     return StepOutputs(
         student=_gather_pooled(out.student),
@@ -275,7 +164,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        rank, world = _process_shard()
+        rank, world = process_shard()
         parts = [torch.empty_like(x) for _ in range(world)]
         torch.distributed.all_gather(parts, x.contiguous())
         ctx.start, ctx.stop = rank * x.shape[0], (rank + 1) * x.shape[0]
@@ -295,43 +184,6 @@ class FitResult:
     output_dir: Path
     history: list[dict[str, Any]]
     wall_seconds: float
-
-
-def build_stage_loss(stage: StageConfig, dims: Dims, stage_index: int) -> WeightedLoss:
-    """Build a stage's weighted loss; errors name the recipe key of the offending term."""
-    terms = []
-    for j, term in enumerate(stage.losses):
-        key = f"stages.{stage_index}.losses.{j}"
-        try:
-            loss = build_loss(term.name, dims, **term.options)
-        except KeyError as err:
-            raise ConfigError(f"{key}.name: {err.args[0]}") from None
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{key} ({term.name}): {err}") from None
-        if "teacher" in loss.needs and not dims.teachers:
-            raise ConfigError(f"{key}: loss {term.name!r} needs a teacher, but the recipe has none (set teacher:)")
-        terms.append((term.label or _label(term.name, term.options), term.weight, loss))
-    labels = [t[0] for t in terms]
-    dupes = {lab for lab in labels if labels.count(lab) > 1}
-    if dupes:
-        raise ConfigError(f"stages.{stage_index}: several loss terms are labelled {sorted(dupes)}; give each a label")
-    return WeightedLoss(terms)
-
-
-def _label(name: str, options: dict[str, Any]) -> str:
-    parts = [name] + [str(options[k]) for k in ("tower", "lang") if k in options]
-    return "_".join(parts)
-
-
-def set_trainable(student: DualEncoder, towers: Sequence[str]) -> list[nn.Parameter]:
-    """Freeze the student's towers not in ``towers``; return the trainable parameters."""
-    params = []
-    for name, p in student.model.named_parameters():
-        tower = next((t for t, prefixes in TOWER_PREFIXES.items() if name.startswith(prefixes)), None)
-        p.requires_grad_(tower in towers if tower else False)
-        if p.requires_grad:
-            params.append(p)
-    return params
 
 
 def make_optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -403,11 +255,20 @@ class Trainer:
         missing = [lang for lang in config.data.languages if lang not in getattr(train_data, "languages", [lang])]
         if missing:
             raise ConfigError(f"data.languages: the training data has no captions in {missing}")
-        with torch.random.fork_rng(devices=[]):  # fail now, not after the earlier stages trained
+        # Fail now, not after the earlier stages trained: what each loss needs is declared statically and compared
+        # with what the student kind and the teacher source provide.
+        check_needs(config.stages, student.provides, student.kind, STUDENT_OUTPUTS)
+        for i, stage in enumerate(config.stages):
+            needs = frozenset().union(*(n for _, n in stage_needs(stage, i)))
+            if "teacher" in needs and hasattr(self.teacher_source, "check_needs"):  # e.g. token features
+                self.teacher_source.check_needs(needs, f"stages.{i}")
+            try:
+                set_trainable(student, stage.trainable, f"stages.{i}.trainable")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        with torch.random.fork_rng(devices=[]):  # the options' values (checked by the losses) fail now too
             for i, stage in enumerate(config.stages):
-                needs = build_stage_loss(stage, self.dims, i).needs
-                if "teacher" in needs and hasattr(self.teacher_source, "check_needs"):  # e.g. token features
-                    self.teacher_source.check_needs(needs, f"stages.{i}")
+                build_stage_loss(stage, self.dims, i)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, module: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
@@ -505,7 +366,7 @@ class Trainer:
             self._restore_student(ckpt)
             ckpt = None
         loss = build_stage_loss(stage, self.dims, index)
-        set_trainable(self.student, stage.trainable)
+        set_trainable(self.student, stage.trainable, f"stages.{index}.trainable")  # checked in __init__
         module = DistillModule(self.student, loss, self.teacher_source)
         optimizer = make_optimizer(module, stage.lr or cfg.train.lr, cfg.train.weight_decay)
         scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, stage.steps)
@@ -520,7 +381,7 @@ class Trainer:
             return
         live = self.teachers if "teacher" in loss.needs and isinstance(self.teacher_source, LiveTeachers) else []
         views = getattr(self.teacher_source, "views", None) if "teacher" in loss.needs else None
-        collate = Collator(self.student, live, cfg.data.languages, [_teacher_langs(t, cfg) for t in live], views)
+        collate = Collator(self.student, live, cfg.data.languages, [self._teacher_fields(t) for t in live], views)
         ga = cfg.train.grad_accum
         sampler = StageSampler(
             len(self.data),
@@ -594,6 +455,14 @@ class Trainer:
                 self._save_checkpoint(module, optimizer, scheduler, state)
                 acc.wait_for_everyone()
         bar.close()
+
+    def _teacher_fields(self, teacher: Teacher) -> list[str]:
+        """The text fields a live teacher embeds: its caption languages for image-text pairs; for task samples
+        (VQA, entailment, multiple choice) every field of ``teacher_texts`` (question, qa, hypothesis, candidates)."""
+        first = self.data[0]
+        if "captions" in first:
+            return _teacher_langs(teacher, self.cfg)
+        return sorted(teacher_texts(first))
 
     def _mean_over_processes(self, parts: dict[str, float]) -> dict[str, float]:
         """The logged loss terms, averaged over processes (terms on token features are computed per shard)."""
@@ -686,56 +555,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _copy_logit_scale(student: DualEncoder, loss: WeightedLoss) -> None:
     """Export the contrastive scale learnt by a ``clip`` term, so the saved student's scores are calibrated."""
-    log_s = getattr(student.model, "logit_scale", None)
+    log_s = getattr(getattr(student, "model", None), "logit_scale", None)  # dual encoders only
     for _, _, term in loss.terms:
         term_log_s = getattr(term, "log_s", None)
         if log_s is not None and isinstance(term_log_s, nn.Parameter) and term.__class__.__name__ == "ClipLoss":
             with torch.no_grad():
                 log_s.copy_(term_log_s.detach().clamp(max=math.log(100.0)))
-
-
-# ------------------------------------------------------------------------------------------ building blocks
-def prepare_teachers(cfg: RecipeConfig, loaded: Sequence[Teacher] | None = None) -> list[Teacher]:
-    """Load the recipe's teachers (or take already loaded ones)."""
-    if loaded is not None:
-        return list(loaded)
-    teachers = []
-    for i, tcfg in enumerate(cfg.teachers):
-        if not tcfg.name_or_path:
-            raise ConfigError(f"teachers.{i}.name_or_path is not set: give a hub id or directory (--teacher PATH)")
-        teachers.append(
-            load_teacher(tcfg.name_or_path, tcfg.revision, tcfg.trust_remote_code, DTYPES[tcfg.dtype], tcfg.languages)
-        )
-    return teachers
-
-
-def prepare_student(
-    cfg: RecipeConfig, corpus: Sequence[str] = (), tokenizer=None, teachers: Sequence[DualEncoder] = ()
-) -> DualEncoder:
-    """Build the student preset; trains a tokenizer on ``corpus`` when the preset needs one and none is given.
-
-    A preset that builds on the teacher (e.g. ``mclip-text``, which reuses its image tower) gets ``teachers[0]``.
-    """
-    from .students import takes_teacher
-    from .tokenization import train_wordpiece
-
-    scfg = cfg.student
-    options: dict[str, Any] = dict(scfg.overrides)
-    if scfg.preset == "pretrained":
-        options["name_or_path"] = scfg.name_or_path
-    if scfg.preset == "vtde":
-        options.update(vision=scfg.vision, text=scfg.text)
-    if takes_teacher(scfg.preset):
-        if not teachers:
-            raise ConfigError(f"student.preset: {scfg.preset!r} builds on the teacher, but none is set (teacher:)")
-        options["teacher"] = teachers[0]
-    tok = tokenizer or scfg.tokenizer
-    if tok is None and scfg.preset not in ("pretrained", "vtde"):
-        if not corpus:
-            raise ConfigError("student.tokenizer is not set and there is no text to train one on")
-        tok = train_wordpiece(corpus, vocab_size=scfg.vocab_size)
-    torch.manual_seed(cfg.train.seed)
-    try:
-        return build_student(scfg.preset, tokenizer=tok, **options)
-    except KeyError as err:
-        raise ConfigError(f"student.preset: {err.args[0]}") from None

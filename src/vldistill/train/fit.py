@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, DataConfig, RecipeConfig
-from .data.sources import LabelledData, load_data
-from .evaluation import agreement, evaluate, mean_cosine
-from .models import DualEncoder, Teacher, load_teacher
-from .trainer import FitResult, TeacherSource, Trainer, prepare_student, prepare_teachers
+from ..batching import TeacherSource
+from ..config import ConfigError, DataConfig, EvalConfig, RecipeConfig
+from ..data.sources import LabelledData, load_data
+from ..evaluation import agreement, evaluate, mean_cosine
+from ..models import DualEncoder, Teacher, load_teacher, prepare_teachers
+from ..students import prepare_student
+from .loop import FitResult, Trainer
 
 
 def _load_split(cfg: DataConfig, source: str, split: str, languages: Sequence[str], limit: int | None) -> LabelledData:
@@ -80,8 +82,8 @@ def fit_recipe(
     train_data = train_data or load_train_data(cfg.data)
     cached = any(t.source == "cache" for t in cfg.teachers)
     if cached:
-        from .cache import open_recipe_cache
-        from .students import takes_teacher
+        from ..cache import open_recipe_cache
+        from ..students import takes_teacher
 
         teacher_source = teacher_source or open_recipe_cache(cfg, train_data.dataset, teachers)
         teachers = list(teachers or [])
@@ -120,7 +122,8 @@ def fit_recipe(
         eval_data = eval_data or load_eval_data(cfg.data, cfg.eval.languages)
         if cached and not teachers and cfg.teachers:  # trained from a cache: load the teacher only to compare
             teachers = prepare_teachers(cfg)
-        summary["eval"] = compare(student, teachers[0] if teachers else None, eval_data, cfg.eval.languages)
+        teacher = teachers[0] if teachers else None
+        summary["eval"] = compare(student, teacher, eval_data, cfg.eval.languages, cfg.eval.batch_size)
         (result.output_dir / "eval.json").write_text(json.dumps(summary["eval"], indent=2, ensure_ascii=False))
     return summary
 
@@ -142,7 +145,7 @@ def cache_recipe(
 ) -> dict[str, Any]:
     """``vldistill cache``: run the recipe's teachers once over its training data and store their outputs in
     ``directory`` (default: the teachers' ``cache``). Resumes an interrupted build; reuses a complete one."""
-    from .cache import build_recipe_cache, recipe_cache_dir
+    from ..cache import build_recipe_cache, recipe_cache_dir
 
     if not cfg.teachers:
         raise ConfigError("teachers: the recipe has no teacher whose outputs could be cached")
@@ -152,23 +155,36 @@ def cache_recipe(
     return build_recipe_cache(cfg, teachers, train_data.dataset, directory, rebuild=rebuild)
 
 
+EVAL_BATCH_SIZE = EvalConfig().batch_size
+
+
 def compare(
-    student: DualEncoder, teacher: DualEncoder | None, data: LabelledData, languages: Sequence[str]
+    student: DualEncoder,
+    teacher: DualEncoder | None,
+    data: LabelledData,
+    languages: Sequence[str],
+    batch_size: int = EVAL_BATCH_SIZE,
 ) -> dict[str, Any]:
-    """Evaluate a student (and its teacher) and report teacher-student agreement."""
+    """Evaluate a student (and its teacher) and report teacher-student agreement; ``batch_size`` images or texts
+    per encoder call (``eval.batch_size``)."""
     eval_set = data.eval_set(languages)
-    out = evaluate(student, eval_set)
+    out = evaluate(student, eval_set, batch_size=batch_size)
     metrics: dict[str, Any] = {"student": out["metrics"]}
     if teacher is not None:
         teacher_langs = [lang for lang in eval_set.languages if lang in _teacher_languages(teacher)]
-        t_out = evaluate(teacher, eval_set, teacher_langs or None)
+        t_out = evaluate(teacher, eval_set, teacher_langs or None, batch_size=batch_size)
         metrics["teacher"] = t_out["metrics"]
-        metrics["agreement"] = {
-            lang: agreement(out["predictions"][lang], t_out["predictions"][lang])
-            for lang in t_out["predictions"]
-            if lang in out["predictions"]
-        }
+        metrics["agreement"] = _agreement(out, t_out)
     return metrics
+
+
+def _agreement(out: dict[str, Any], t_out: dict[str, Any]) -> dict[str, float]:
+    """Per language that both evaluations classified zero-shot: the fraction of equal top-1 predictions."""
+    return {
+        lang: agreement(out["predictions"][lang], t_out["predictions"][lang])
+        for lang in t_out["predictions"]
+        if lang in out["predictions"]
+    }
 
 
 def _teacher_languages(teacher: DualEncoder) -> list[str]:
@@ -180,19 +196,54 @@ def evaluate_model(
     data: DataConfig,
     languages: Sequence[str] | None = None,
     teacher: str | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
+    teacher_languages: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """``vldistill eval``: zero-shot classification and retrieval of a saved dual encoder."""
-    encoder = DualEncoder.from_pretrained(model)
-    eval_data = load_eval_data(data, languages)
-    if eval_data is None:
+    """``vldistill eval``: zero-shot classification and retrieval of a saved dual encoder.
+
+    Args:
+        model: directory or hub id of the model.
+        data: the evaluation data (``data.eval`` and its split, limit, image root, columns, class names, ...).
+        languages: languages to evaluate; ``None``: every caption language of the data (``data.languages`` is not
+            used). A language the data lacks is an error naming it.
+        teacher: directory or hub id of a teacher to report top-1 agreement with, in the languages it reads.
+        batch_size: images or texts per encoder call (``eval.batch_size``).
+        teacher_languages: the caption languages the teacher reads (default: English).
+    """
+    if not data.eval:
         raise ConfigError("nothing to evaluate: give --data")
+    encoder = DualEncoder.from_pretrained(model)
+    eval_data = _eval_data_in(data, languages)
     eval_set = eval_data.eval_set(languages)
-    out = evaluate(encoder, eval_set)
+    out = evaluate(encoder, eval_set, batch_size=batch_size)
     result: dict[str, Any] = {"model": str(model), "params": encoder.num_parameters(), **out["metrics"]}
     if teacher:
-        t_out = evaluate(load_teacher(teacher), eval_set, ["en"])
-        result["agreement"] = {"en": agreement(out["predictions"]["en"], t_out["predictions"]["en"])}
+        t_model = load_teacher(teacher, languages=teacher_languages or ("en",))
+        t_langs = [lang for lang in eval_set.languages if lang in _teacher_languages(t_model)]
+        if not t_langs:
+            raise ConfigError(
+                f"--teacher {teacher}: it reads {_teacher_languages(t_model)}, and the evaluation is in "
+                f"{eval_set.languages} only; there is no language to compare the two in (--teacher-languages)"
+            )
+        t_out = evaluate(t_model, eval_set, t_langs, batch_size=batch_size)
+        result["agreement"] = _agreement(out, t_out)
     return result
+
+
+def _eval_data_in(data: DataConfig, languages: Sequence[str] | None) -> LabelledData:
+    """The evaluation data in every caption language it has (``languages=None``), or in ``languages``: one the data
+    lacks is an error naming it (with ``skip_bad``, samples without it are skipped instead)."""
+    eval_data = _load_split(data, data.eval, data.eval_split, None, data.limit_eval)
+    available = eval_data.dataset.languages
+    missing = [lang for lang in languages or () if lang not in available]
+    if not missing:
+        return eval_data
+    if data.skip_bad:  # some samples may have them: keep those
+        return _load_split(data, data.eval, data.eval_split, languages, data.limit_eval)
+    raise ConfigError(
+        f"languages {missing}: the evaluation data {data.eval!r} has no caption in "
+        f"{' or '.join(repr(lang) for lang in missing)} (for every sample); it has {available}"
+    )
 
 
 @torch.no_grad()

@@ -25,15 +25,15 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .cache import build_recipe_cache
-from .config import LossConfig, RecipeConfig, StageConfig, load_recipe, to_dict
-from .data.sources import LabelledData, load_data
-from .evaluation import agreement, evaluate
-from .models import DualEncoder, Teacher, load_teacher
-from .pipeline import adapted_cosine, fit_recipe, image_ms_per_image, tokenizer_corpus
-from .tokenization import train_wordpiece
-from .trainer import prepare_student
+from .. import __version__
+from ..cache import build_recipe_cache
+from ..config import LossConfig, RecipeConfig, StageConfig, load_recipe, to_dict
+from ..data.sources import LabelledData, load_data
+from ..evaluation import agreement, evaluate
+from ..models import DualEncoder, Teacher, load_teacher
+from ..students import prepare_student
+from ..tokenization import train_wordpiece
+from .fit import EVAL_BATCH_SIZE, adapted_cosine, fit_recipe, image_ms_per_image, tokenizer_corpus
 
 # --fast: the same pipeline on a smaller slice, for tests and a first look (< 2 minutes).
 FAST_DATA = {"data.limit_train": 768, "data.limit_eval": 200}
@@ -56,28 +56,36 @@ def run_quickstart(
 
     # 1. data and tokenizers
     _say("1/5 data: bundled easy-vqa, English + Chinese captions")
-    s_cfg = load_recipe(
-        "dcclip", {**common, **(FAST_STUDENT if fast else {}), "train.output_dir": str(out / "distill")}
-    )
-    train = load_data(s_cfg.data.train, "train", ["en", "zh"], limit=s_cfg.data.limit_train)
-    test = load_data(s_cfg.data.eval, "test", ["en", "zh"], limit=s_cfg.data.limit_eval)
-    student_tok = train_wordpiece(tokenizer_corpus(train, ["en", "zh"]), vocab_size=s_cfg.student.vocab_size)
+    s_overrides = {**common, **(FAST_STUDENT if fast else {}), "train.output_dir": str(out / "distill")}
+    d_cfg = load_recipe("dcclip", s_overrides)  # its data settings; the teacher is not known yet
+    train = load_data(d_cfg.data.train, "train", ["en", "zh"], limit=d_cfg.data.limit_train)
+    test = load_data(d_cfg.data.eval, "test", ["en", "zh"], limit=d_cfg.data.limit_eval)
+    student_tok = train_wordpiece(tokenizer_corpus(train, ["en", "zh"]), vocab_size=d_cfg.student.vocab_size)
 
     # 2. teacher
     if teacher:
         _say(f"2/5 teacher: {teacher}")
-        t_model, t_history = load_teacher(teacher), []
+        t_path, t_history = str(teacher), []
     else:
-        t_model, t_history = reference_teacher(train, common, fast, teacher_cache or out.parent / "teachers")
+        t_dir, t_history = reference_teacher_dir(train, common, fast, teacher_cache or out.parent / "teachers")
+        t_path = str(t_dir)  # its real directory: `vldistill fit --teacher t_path` then reuses the cache below
+    t_model = load_teacher(t_path)
 
     # 3. distilled student, from the teacher's outputs cached once for the train split
-    s_cfg.teachers[0].name_or_path = teacher or "reference-teacher"
-    s_cfg.teachers[0].source, s_cfg.teachers[0].cache = "cache", str(out / "teacher-cache")
-    s_cfg.cache.workers = 0  # the bundled thumbnails preprocess faster in-process than through worker processes
+    s_overrides.update(
+        {
+            "teacher.name_or_path": t_path,
+            "teacher.source": "cache",
+            "teacher.cache": str(out / "teacher-cache"),
+            "cache.workers": 0,  # the bundled thumbnails preprocess faster in-process than through worker processes
+        }
+    )
     # The student embeds in the teacher's width: feature distillation then needs no adapter, so stage 1 puts the
     # student's image and text towers into one shared space (separate per-tower adapters would leave the student's
     # own embeddings misaligned for zero-shot use). The baseline gets the same architecture.
-    s_cfg.student.overrides.setdefault("projection_dim", t_model.dims.embed)
+    if "projection_dim" not in d_cfg.student.overrides:
+        s_overrides["student.overrides.projection_dim"] = t_model.dims.embed
+    s_cfg = load_recipe("dcclip", s_overrides)  # validated like any other run's overrides
     student = prepare_student(s_cfg, tokenizer=student_tok)
     if student.num_parameters() * 8 > t_model.num_parameters():
         raise ValueError(
@@ -98,11 +106,11 @@ def run_quickstart(
 
     # 5. evaluation
     _say("5/5 evaluate teacher, student and baseline on the test split")
-    results = evaluate_three(t_model, student, baseline, train, test)
+    results = evaluate_three(t_model, student, baseline, train, test, batch_size=s_cfg.eval.batch_size)
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     results["setup"] = {
         "fast": fast,
-        "teacher": teacher or "reference (trained by the quickstart)",
+        "teacher": teacher or f"reference (trained by the quickstart): {t_path}",
         "train_samples": len(train.dataset),
         "test_samples": len(test.dataset),
         "student_steps": s_cfg.total_steps,
@@ -134,7 +142,17 @@ def reference_teacher(
     train: LabelledData, common: dict[str, Any], fast: bool, cache_root: str | Path
 ) -> tuple[Teacher, list[dict[str, Any]]]:
     """Train (or reuse) the reference teacher: a CLIP trained on the English captions only."""
-    cfg = load_recipe("reference-teacher", {**common, **(FAST_TEACHER if fast else {})})
+    model_dir, history = reference_teacher_dir(train, common, fast, cache_root)
+    return load_teacher(model_dir), history
+
+
+def reference_teacher_dir(
+    train: LabelledData, common: dict[str, Any], fast: bool, cache_root: str | Path
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Train (or reuse) the reference teacher; return the directory it is saved in (``.../reference-KEY/model``,
+    what ``--teacher`` names it by) and its training history."""
+    overrides = {**common, **(FAST_TEACHER if fast else {})}
+    cfg = load_recipe("reference-teacher", overrides)
     key_src = {k: v for k, v in to_dict(cfg).items() if k not in ("tiny", "cache")}
     key_src["train"] = {k: v for k, v in key_src["train"].items() if k not in ("output_dir", "progress", "tensorboard")}
     key = hashlib.sha256(json.dumps([key_src, __version__], sort_keys=True).encode()).hexdigest()[:12]
@@ -142,10 +160,10 @@ def reference_teacher(
     if (final / "model" / "config.json").is_file():
         _say(f"2/5 teacher: reusing the reference teacher in {final} (delete it to retrain)")
         history = [json.loads(x) for x in (final / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        return load_teacher(final / "model"), history
+        return final / "model", history
     _say(f"2/5 teacher: training a reference teacher (recipes/reference-teacher.yaml, {cfg.total_steps} steps)")
     work = Path(cache_root) / f".work-{key}"
-    cfg.train.output_dir = str(work)
+    cfg = load_recipe("reference-teacher", {**overrides, "train.output_dir": str(work)})  # not part of the key
     corpus = tokenizer_corpus(train, ["en"])
     model = prepare_student(cfg, tokenizer=train_wordpiece(corpus, vocab_size=cfg.student.vocab_size))
     fit_recipe(cfg, student=model, train_data=train, evaluate_after=False)  # data.languages: [en] in the recipe
@@ -158,7 +176,7 @@ def reference_teacher(
     os.replace(tmp, final)  # the teacher appears complete or not at all
     shutil.rmtree(work, ignore_errors=True)
     history = [json.loads(x) for x in (final / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return load_teacher(final / "model"), history
+    return final / "model", history
 
 
 def baseline_config(cfg: RecipeConfig, output_dir: Path) -> RecipeConfig:
@@ -174,15 +192,21 @@ def baseline_config(cfg: RecipeConfig, output_dir: Path) -> RecipeConfig:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate_three(
-    teacher: DualEncoder, student: DualEncoder, baseline: DualEncoder, train: LabelledData, test: LabelledData
+    teacher: DualEncoder,
+    student: DualEncoder,
+    baseline: DualEncoder,
+    train: LabelledData,
+    test: LabelledData,
+    batch_size: int = EVAL_BATCH_SIZE,
 ) -> dict[str, Any]:
-    """Teacher (English), student and baseline (English and Chinese) on the same test images."""
+    """Teacher (English), student and baseline (English and Chinese) on the same test images; ``batch_size``
+    images or texts per encoder call."""
     eval_set = test.eval_set(["en", "zh"])
-    t_out = evaluate(teacher, eval_set, ["en"])
+    t_out = evaluate(teacher, eval_set, ["en"], batch_size=batch_size)
     results: dict[str, Any] = {"teacher": _model_entry(teacher, t_out, test)}
     fit_images = [train.dataset[i]["image"] for i in range(min(512, len(train.dataset)))]
     for name, model in (("student", student), ("baseline", baseline)):
-        out = evaluate(model, eval_set, ["en", "zh"])
+        out = evaluate(model, eval_set, ["en", "zh"], batch_size=batch_size)
         entry = _model_entry(model, out, test)
         entry["agreement_with_teacher"] = {"en": agreement(out["predictions"]["en"], t_out["predictions"]["en"])}
         entry["image_cosine_with_teacher"] = adapted_cosine(model, teacher, fit_images, eval_set.images)

@@ -1,0 +1,866 @@
+"""Samples of three task kinds besides image-caption pairs: visual question answering, visual entailment and
+multiple choice.
+
+A :class:`TaskDataset` holds samples of one kind (:class:`VQASample`, :class:`EntailmentSample` or
+:class:`ChoiceSample`) and checks them as :class:`~vldistill.data.pairs.PairDataset` checks pairs: every image is
+opened and fully decoded once at construction (each distinct image file once, however many questions share it),
+every text must be non-empty, every label or index in range, so that bad data fails before training with a message
+naming the file, the row and what was expected. With ``skip_bad=True`` bad samples are dropped and counted instead.
+
+Items are dicts with fixed keys per kind (see :meth:`TaskDataset.__getitem__`). For VQA the dataset also holds an
+answer vocabulary (:attr:`TaskDataset.answers`): the training target of a question is its most frequent reference
+answer and ``answer_index`` is that answer's position in the vocabulary. An evaluation set is loaded with the
+training vocabulary (``answers=train.answers``) so that the indices agree.
+
+Sources: :func:`load_task_manifest` reads a JSONL manifest with one row per item, :func:`load_task_hf` a Hugging
+Face dataset (the same conventions as :func:`~vldistill.data.pairs.load_hf_dataset`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vldistill.data.pairs import (
+    _HF_DEFAULT_COLUMNS,
+    DataError,
+    PairDataset,
+    Sample,
+    _hf_image,
+    _hf_image_root,
+    _hf_source,
+    _open_hf,
+    _read_jsonl,
+    _undecoded_images,
+    decode_image,
+)
+
+__all__ = [
+    "DEFAULT_QUESTION_TYPE",
+    "ENTAILMENT_LABELS",
+    "TASK_KINDS",
+    "ChoiceSample",
+    "EntailmentSample",
+    "TaskDataset",
+    "TaskSample",
+    "VQASample",
+    "answer_vocabulary",
+    "load_task_hf",
+    "load_task_manifest",
+    "target_answer",
+]
+
+TASK_KINDS = ("vqa", "entailment", "multiple_choice")
+ENTAILMENT_LABELS = ("entailment", "neutral", "contradiction")
+DEFAULT_QUESTION_TYPE = "other"
+_MANIFEST_SUFFIXES = (".jsonl", ".ndjson")
+# Our keys per kind -> dataset column names tried, in order, when `load_task_hf` is given no mapping for a key.
+_COMMON_COLUMNS = {"image": _HF_DEFAULT_COLUMNS["image"], "id": ("id",), "attributes": ("attributes",)}
+_KIND_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
+    "vqa": {
+        "question": ("question",),
+        "answers": ("answers",),
+        "answer": ("answer",),
+        "question_type": ("question_type",),
+    },
+    "entailment": {"hypothesis": ("hypothesis",), "label": ("label",)},
+    "multiple_choice": {
+        "question": ("question",),
+        "candidates": ("candidates", "choices", "options"),
+        "answer": ("answer", "answer_index"),
+        "rationales": ("rationales",),
+        "rationale": ("rationale", "rationale_index"),
+    },
+}
+# Required columns per kind; a tuple means "one of these".
+_REQUIRED: dict[str, tuple[str | tuple[str, ...], ...]] = {
+    "vqa": ("image", "question", ("answers", "answer")),
+    "entailment": ("image", "hypothesis", "label"),
+    "multiple_choice": ("image", "question", "candidates", "answer"),
+}
+_LABELS_EXPECTED = "expected one of 'entailment', 'neutral', 'contradiction', or 0, 1, 2"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples.
+
+
+@dataclass(kw_only=True)
+class TaskSample:
+    """What every task sample has: an image, an id and optional attributes.
+
+    Attributes:
+        image: image file path (absolute after loading), or a name such as ``"data:train[3]"`` when the image is
+            held in memory in ``data``.
+        id: item id (default: the row number in its source).
+        attributes: facts about the image, e.g. ``{"color": "red", "shape": "circle"}``; domain-shift splits by
+            held-out attribute combinations need them (:mod:`vldistill.data.splits`).
+        data: the image itself when it lives in memory: encoded bytes or a PIL image.
+        origin: where the sample came from, e.g. ``"data/vqa.jsonl row 7"``; error messages start with it.
+    """
+
+    image: str
+    id: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+    data: bytes | Image.Image | None = field(default=None, repr=False, compare=False)
+    origin: str = ""
+
+    kind: ClassVar[str] = ""
+
+    @property
+    def text(self) -> str:
+        """The item's text that phrasing-based splits match: the question, or the hypothesis."""
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class VQASample(TaskSample):
+    """A question about an image with its reference answers (several annotators may give several answers)."""
+
+    question: str
+    answers: list[str]
+    question_type: str = DEFAULT_QUESTION_TYPE
+
+    kind: ClassVar[str] = "vqa"
+
+    @property
+    def answer(self) -> str:
+        """The training target: the most frequent reference answer, ties broken by first occurrence."""
+        return target_answer(self.answers)
+
+    @property
+    def text(self) -> str:
+        return self.question
+
+
+@dataclass(kw_only=True)
+class EntailmentSample(TaskSample):
+    """An image (the premise) and a hypothesis; ``label`` indexes :data:`ENTAILMENT_LABELS`."""
+
+    hypothesis: str
+    label: int
+
+    kind: ClassVar[str] = "entailment"
+
+    @property
+    def text(self) -> str:
+        return self.hypothesis
+
+
+@dataclass(kw_only=True)
+class ChoiceSample(TaskSample):
+    """A question with candidate answers and optionally candidate rationales (as in VCR: Q->A, QA->R).
+
+    Attributes:
+        answer_index: index of the right candidate.
+        rationales: candidate rationales for the right answer; empty if none.
+        rationale_index: index of the right rationale; -1 if there are no rationales.
+    """
+
+    question: str
+    candidates: list[str]
+    answer_index: int
+    rationales: list[str] = field(default_factory=list)
+    rationale_index: int = -1
+
+    kind: ClassVar[str] = "multiple_choice"
+
+    @property
+    def text(self) -> str:
+        return self.question
+
+
+_SAMPLE_TYPES: dict[str, type[TaskSample]] = {
+    "vqa": VQASample,
+    "entailment": EntailmentSample,
+    "multiple_choice": ChoiceSample,
+}
+
+
+def target_answer(answers: Sequence[str]) -> str:
+    """The most frequent of the reference answers, ties broken by first occurrence."""
+    counts = Counter(answers)  # insertion-ordered, and max() keeps the first of equal counts
+    return max(counts, key=counts.__getitem__)
+
+
+def answer_vocabulary(samples: Iterable[VQASample]) -> list[str]:
+    """Every reference answer of the samples, most frequent first, ties in alphabetical order."""
+    counts = Counter(answer for sample in samples for answer in sample.answers)
+    return sorted(counts, key=lambda answer: (-counts[answer], answer))
+
+
+def _check_kind(kind: str, source: str) -> None:
+    if kind not in TASK_KINDS:
+        raise DataError(f"{source or 'dataset'}: kind {kind!r} is not one of {', '.join(TASK_KINDS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking samples.
+
+
+def _text_problem(value: Any, name: str) -> str | None:
+    if not isinstance(value, str):
+        return f"{name} is {type(value).__name__} {value!r:.60} (expected a non-empty string)"
+    if not value.strip():
+        return f"empty {name} (expected a non-empty string)"
+    return None
+
+
+def _texts_problem(values: Any, name: str, minimum: int) -> str | None:
+    if not isinstance(values, list | tuple):
+        return f"{name} is {type(values).__name__} {values!r:.60} (expected a list of strings)"
+    if len(values) < minimum:
+        return f"{len(values)} {name} (expected at least {minimum})"
+    return next((p for i, v in enumerate(values) if (p := _text_problem(v, f"{name}[{i}]"))), None)
+
+
+def _index_problem(value: Any, name: str, n: int, what: str) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
+        return f"{name} {value!r} is out of range (expected an index 0..{n - 1} into the {n} {what})"
+    return None
+
+
+def _common_problem(sample: Any, kind: str) -> str | None:
+    expected = _SAMPLE_TYPES[kind]
+    if not isinstance(sample, expected):
+        return f"got a {type(sample).__name__}, expected {expected.__name__} for kind {kind!r}"
+    attributes = sample.attributes
+    if not isinstance(attributes, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
+    ):
+        return f"attributes {attributes!r:.80} (expected a mapping of strings to strings)"
+    return None
+
+
+def _vqa_problem(sample: VQASample, vocabulary: Mapping[str, int] | None) -> str | None:
+    problem = (
+        _text_problem(sample.question, "question")
+        or _texts_problem(sample.answers, "answers", 1)
+        or _text_problem(sample.question_type, "question_type")
+    )
+    target = target_answer([answer.strip() for answer in sample.answers]) if problem is None else ""
+    if problem is None and vocabulary is not None and target not in vocabulary:
+        some = ", ".join(repr(a) for a in list(vocabulary)[:5])
+        problem = (
+            f"answer {target!r} is not in the answer vocabulary "
+            f"(expected one of its {len(vocabulary)} answers: {some}{', ...' if len(vocabulary) > 5 else ''})"
+        )
+    return problem
+
+
+def _entailment_problem(sample: EntailmentSample, vocabulary: Mapping[str, int] | None) -> str | None:
+    label = sample.label
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(ENTAILMENT_LABELS):
+        return f"label {label!r} is out of range ({_LABELS_EXPECTED})"
+    return _text_problem(sample.hypothesis, "hypothesis")
+
+
+def _choice_problem(sample: ChoiceSample, vocabulary: Mapping[str, int] | None) -> str | None:
+    problem = _text_problem(sample.question, "question") or _texts_problem(sample.candidates, "candidates", 2)
+    problem = problem or _index_problem(sample.answer_index, "answer", len(sample.candidates), "candidates")
+    if problem is not None:
+        return problem
+    if not sample.rationales:
+        if sample.rationale_index != -1:
+            return f"rationale {sample.rationale_index!r} given but no rationales (expected -1, or a rationales list)"
+        return None
+    return _texts_problem(sample.rationales, "rationales", 2) or _index_problem(
+        sample.rationale_index, "rationale", len(sample.rationales), "rationales"
+    )
+
+
+_CONTENT_CHECKS: dict[str, Callable[[Any, Mapping[str, int] | None], str | None]] = {
+    "vqa": _vqa_problem,
+    "entailment": _entailment_problem,
+    "multiple_choice": _choice_problem,
+}
+
+
+def _normalised(sample: TaskSample) -> TaskSample:
+    """The sample with surrounding whitespace stripped from its texts and its lists copied."""
+    if isinstance(sample, VQASample):
+        return replace(
+            sample,
+            question=sample.question.strip(),
+            answers=[a.strip() for a in sample.answers],
+            question_type=sample.question_type.strip(),
+        )
+    if isinstance(sample, EntailmentSample):
+        return replace(sample, hypothesis=sample.hypothesis.strip())
+    assert isinstance(sample, ChoiceSample)
+    return replace(
+        sample,
+        question=sample.question.strip(),
+        candidates=[c.strip() for c in sample.candidates],
+        rationales=[r.strip() for r in sample.rationales],
+    )
+
+
+@dataclass
+class _Rejected:
+    """A row that could not even be read into a sample; ``reason`` names the row and the problem."""
+
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dataset.
+
+
+class TaskDataset(Dataset):
+    """Samples of one task kind, checked up front.
+
+    Items (``dataset[i]``) are dicts with these keys:
+
+    - ``"vqa"``: ``index``, ``image`` (PIL RGB), ``kind``, ``question``, ``answers`` (all reference answers),
+      ``answer`` (the most frequent one, the training target), ``answer_index`` (its index in :attr:`answers`, -1 if
+      absent), ``question_type``.
+    - ``"entailment"``: ``index``, ``image``, ``kind``, ``hypothesis``, ``label`` (index into
+      :data:`ENTAILMENT_LABELS`).
+    - ``"multiple_choice"``: ``index``, ``image``, ``kind``, ``question``, ``candidates``, ``answer_index``,
+      ``rationales`` (empty if none), ``rationale_index`` (-1 if none).
+
+    With ``preload`` the decoded images are kept (one object per distinct image file) and returned on every access:
+    transforms must not modify them in place.
+
+    Attributes:
+        kind: ``"vqa"``, ``"entailment"`` or ``"multiple_choice"``.
+        answers: VQA answer vocabulary (empty for the other kinds).
+        samples: the kept samples, texts stripped.
+        skipped: how many input samples were dropped as bad (``skip_bad=True`` only).
+        skipped_reasons: one message per dropped sample, each naming the file or row and the problem.
+        total: how many samples there were before dropping.
+        source: name of where the samples came from, used in messages.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[TaskSample],
+        kind: str | None = None,
+        answers: Sequence[str] | None = None,
+        skip_bad: bool = False,
+        preload: bool = False,
+        source: str = "",
+    ):
+        """Checks the samples and optionally decodes and keeps their images.
+
+        Args:
+            samples: the samples, all of ``kind``; they are not modified.
+            kind: the task kind; None takes the first sample's.
+            answers: VQA answer vocabulary; a sample whose target answer is not in it is bad. None builds it from
+                the kept samples' reference answers (:func:`answer_vocabulary`).
+            skip_bad: drop bad samples (and count them) instead of raising.
+            preload: keep the decoded RGB images in memory.
+            source: name of the origin (a file, a dataset), used in messages for samples without ``origin``.
+
+        Raises:
+            DataError: a sample is bad (without ``skip_bad``), the kind or vocabulary is invalid, or no sample is left.
+        """
+        self._setup(samples, kind, answers, skip_bad, preload, source)
+
+    @classmethod
+    def _from_entries(
+        cls,
+        entries: Sequence[TaskSample | _Rejected],
+        kind: str,
+        source: str,
+        answers: Sequence[str] | None,
+        skip_bad: bool,
+        preload: bool,
+    ) -> TaskDataset:
+        """A dataset from parsed rows, rows that could not be read rejected (or counted) in their place."""
+        dataset = cls.__new__(cls)
+        dataset._setup(entries, kind, answers, skip_bad, preload, source)
+        return dataset
+
+    def _setup(
+        self,
+        entries: Sequence[TaskSample | _Rejected],
+        kind: str | None,
+        answers: Sequence[str] | None,
+        skip_bad: bool,
+        preload: bool,
+        source: str,
+    ) -> None:
+        first = next((s for s in entries if isinstance(s, TaskSample)), None)
+        kind = kind if kind is not None else (first.kind if first is not None else "")
+        _check_kind(kind, source)
+        self.kind = kind
+        self.source = source
+        self.skipped = 0
+        self.skipped_reasons: list[str] = []
+        self.total = len(entries)
+        vocabulary = self._given_vocabulary(answers)
+        kept, images = self._check(entries, vocabulary, skip_bad, preload)
+        if not kept:
+            first_reason = f" (first: {self.skipped_reasons[0]})" if self.skipped_reasons else ""
+            raise DataError(f"{source or 'dataset'}: no valid samples out of {self.total}{first_reason}")
+        self.samples: list[TaskSample] = kept
+        if vocabulary is not None:
+            self.answers = list(vocabulary)
+        else:
+            self.answers = answer_vocabulary(kept) if kind == "vqa" else []  # type: ignore[arg-type]
+        self._answer_index = {answer: i for i, answer in enumerate(self.answers)}
+        self._images: list[Image.Image] | None = images if preload else None
+
+    def _given_vocabulary(self, answers: Sequence[str] | None) -> dict[str, int] | None:
+        if answers is None:
+            return None
+        name = self.source or "dataset"
+        if isinstance(answers, str) or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise DataError(f"{name}: answers must be a list of non-empty strings, got {answers!r:.80}")
+        if len(set(answers)) != len(answers):
+            repeated = [a for a, n in Counter(answers).items() if n > 1]
+            raise DataError(f"{name}: the answer vocabulary repeats {repeated[:5]} (expected distinct answers)")
+        if answers and self.kind != "vqa":
+            raise DataError(f"{name}: an answer vocabulary is only for kind 'vqa', not {self.kind!r}")
+        return {answer: i for i, answer in enumerate(answers)}
+
+    def _check(
+        self,
+        entries: Sequence[TaskSample | _Rejected],
+        vocabulary: Mapping[str, int] | None,
+        skip_bad: bool,
+        preload: bool,
+    ) -> tuple[list[TaskSample], list[Image.Image]]:
+        """Checks the content of every sample, then decodes each distinct image once, then keeps or rejects in order.
+
+        Multiple-choice items must all have as many candidates (and rationales, where given) as the first valid one.
+        """
+        problems: list[str | None] = []
+        jobs: dict[Any, int] = {}  # decode key -> index into `to_decode`
+        to_decode: list[Sample] = []
+        keys: list[Any] = []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, _Rejected):
+                problems.append(entry.reason)
+                keys.append(None)
+                continue
+            problem = _common_problem(entry, self.kind) or _CONTENT_CHECKS[self.kind](entry, vocabulary)
+            problems.append(None if problem is None else f"{self._where(i, entry)}: {problem}")
+            key = None
+            if problem is None:
+                # One decode per distinct file; in-memory images are decoded one by one.
+                key = ("file", entry.image) if entry.data is None else ("row", i)
+                if key not in jobs:
+                    jobs[key] = len(to_decode)
+                    to_decode.append(Sample(entry.image, {}, data=entry.data))
+            keys.append(key)
+        decoded = list(PairDataset._decode_all(to_decode, preload))
+        return self._keep(entries, problems, [None if k is None else decoded[jobs[k]] for k in keys], skip_bad)
+
+    def _keep(
+        self,
+        entries: Sequence[TaskSample | _Rejected],
+        problems: list[str | None],
+        decoded: list[Image.Image | DataError | None],
+        skip_bad: bool,
+    ) -> tuple[list[TaskSample], list[Image.Image]]:
+        kept: list[TaskSample] = []
+        images: list[Image.Image] = []
+        counts: dict[str, int] = {}  # multiple choice: "candidates"/"rationales" -> count of the first valid item
+        for i, (entry, problem, image) in enumerate(zip(entries, problems, decoded, strict=True)):
+            if problem is None and isinstance(image, DataError):
+                problem = f"{self._where(i, entry)}: {image}"
+            if problem is None and isinstance(entry, ChoiceSample):
+                problem = _count_problem(entry, counts)
+                problem = None if problem is None else f"{self._where(i, entry)}: {problem}"
+            if problem is not None:
+                self._reject(problem, skip_bad)
+                continue
+            assert isinstance(entry, TaskSample)
+            if isinstance(entry, ChoiceSample):
+                counts.setdefault("candidates", len(entry.candidates))
+                if entry.rationales:
+                    counts.setdefault("rationales", len(entry.rationales))
+            kept.append(_normalised(entry))
+            if isinstance(image, Image.Image):
+                images.append(image)
+        return kept, images
+
+    def _where(self, index: int, sample: Any) -> str:
+        origin = getattr(sample, "origin", "")
+        return origin or (f"{self.source} sample {index}" if self.source else f"sample {index}")
+
+    def _reject(self, reason: str, skip_bad: bool) -> None:
+        if not skip_bad:
+            raise DataError(reason)
+        self.skipped += 1
+        self.skipped_reasons.append(reason)
+
+    def summary(self) -> str:
+        """One line for logs, e.g. ``"skipped 3 bad samples of 100 (first: ...)"``."""
+        name = f"{self.source}: " if self.source else ""
+        if not self.skipped:
+            return f"{name}{len(self)} {self.kind} samples, none skipped"
+        return f"{name}skipped {self.skipped} bad samples of {self.total} (first: {self.skipped_reasons[0]})"
+
+    def subset(self, indices: Iterable[int]) -> TaskDataset:
+        """The items at ``indices`` (in that order), with the same answer vocabulary; no image is decoded again.
+
+        Raises:
+            IndexError: an index is out of range.
+            ValueError: no index is given.
+        """
+        picks = [range(len(self.samples))[i] for i in indices]  # normalises negative indices, raises IndexError
+        if not picks:
+            raise ValueError(f"{self.source or 'dataset'}: a subset needs at least one index")
+        new = TaskDataset.__new__(TaskDataset)
+        new.kind, new.source, new.answers = self.kind, self.source, list(self.answers)
+        new.skipped, new.skipped_reasons, new.total = 0, [], len(picks)
+        new.samples = [self.samples[i] for i in picks]
+        new._answer_index = dict(self._answer_index)
+        new._images = [self._images[i] for i in picks] if self._images is not None else None
+        return new
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = range(len(self.samples))[index]  # normalises negative indices and raises IndexError
+        sample = self.samples[index]
+        if self._images is not None:
+            image = self._images[index]
+        else:
+            try:
+                image = _decode(sample)
+            except DataError as err:  # the file changed after the check at construction
+                raise DataError(f"{self._where(index, sample)}: {err}") from err
+        return {"index": index, "image": image, "kind": self.kind, **self._fields(sample)}
+
+    def _fields(self, sample: TaskSample) -> dict[str, Any]:
+        if isinstance(sample, VQASample):
+            answer = sample.answer
+            return {
+                "question": sample.question,
+                "answers": list(sample.answers),
+                "answer": answer,
+                "answer_index": self._answer_index.get(answer, -1),
+                "question_type": sample.question_type,
+            }
+        if isinstance(sample, EntailmentSample):
+            return {"hypothesis": sample.hypothesis, "label": sample.label}
+        assert isinstance(sample, ChoiceSample)
+        return {
+            "question": sample.question,
+            "candidates": list(sample.candidates),
+            "answer_index": sample.answer_index,
+            "rationales": list(sample.rationales),
+            "rationale_index": sample.rationale_index,
+        }
+
+    def __repr__(self) -> str:
+        vocab = f", {len(self.answers)} answers" if self.kind == "vqa" else ""
+        return f"TaskDataset({len(self)} {self.kind} samples{vocab}, source={self.source!r})"
+
+
+def _decode(sample: TaskSample) -> Image.Image:
+    return decode_image(Sample(sample.image, {}, data=sample.data))
+
+
+def _count_problem(sample: ChoiceSample, counts: Mapping[str, int]) -> str | None:
+    """Whether a multiple-choice item has as many candidates (and rationales) as the first valid item."""
+    for name, values in (("candidates", sample.candidates), ("rationales", sample.rationales)):
+        expected = counts.get(name)
+        if values and expected is not None and len(values) != expected:
+            return (
+                f"{len(values)} {name}, expected {expected} like the first valid item "
+                f"(all items must have the same number of {name})"
+            )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows -> samples, shared by the manifest and Hugging Face loaders.
+
+
+def _cell_text(record: Mapping[str, Any], column: str, *, required: bool) -> str | None:
+    """A text cell; surrounding whitespace is kept for the dataset to strip, emptiness for it to report."""
+    value = record.get(column)
+    if value is None:
+        if required:
+            raise DataError(f"no {column} (expected a non-empty string)")
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{column} is {type(value).__name__} {value!r:.60} (expected a string)")
+    return value
+
+
+def _cell_texts(record: Mapping[str, Any], column: str, *, required: bool) -> list[str]:
+    value = record.get(column)
+    if value is None:
+        if required:
+            raise DataError(f"no {column} (expected a list of strings)")
+        return []
+    if not isinstance(value, list | tuple):
+        raise DataError(f"{column} is {type(value).__name__} {value!r:.60} (expected a list of strings)")
+    return list(value)
+
+
+def _cell_index(record: Mapping[str, Any], column: str, what: str, *, required: bool) -> int:
+    value = record.get(column)
+    if value is None:
+        if required:
+            raise DataError(f"no {column} (expected an index into the {what})")
+        return -1
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value.strip())
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DataError(f"{column} {value!r:.60} is not an integer (expected an index into the {what})")
+    return value
+
+
+def _cell_answers(record: Mapping[str, Any]) -> list[str]:
+    """VQA answers: ``answers`` (strings, or dicts with an ``answer`` as in VQA v2 on the hub) or ``answer``."""
+    value = record.get("answers")
+    if value is None:
+        value = record.get("answer")
+    if value is None:
+        raise DataError("no answers (expected 'answers': a list of strings, or 'answer': a string)")
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list | tuple):
+        raise DataError(f"answers is {type(value).__name__} {value!r:.60} (expected a list of strings, or a string)")
+    return [a["answer"] if isinstance(a, Mapping) and "answer" in a else a for a in value]
+
+
+def _cell_label(record: Mapping[str, Any]) -> int:
+    value = record.get("label")
+    if value is None:
+        raise DataError(f"no label ({_LABELS_EXPECTED})")
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in ENTAILMENT_LABELS:
+            return ENTAILMENT_LABELS.index(name)
+        if name.isdigit():
+            return int(name)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise DataError(f"label {value!r:.60} is not an entailment label ({_LABELS_EXPECTED})")
+
+
+def _cell_attributes(record: Mapping[str, Any]) -> dict[str, str]:
+    value = record.get("attributes")
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise DataError(f"attributes {value!r:.80} (expected an object such as {{'color': 'red', 'shape': 'circle'}})")
+    values = {key: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for key, v in value.items()}
+    if not all(isinstance(v, str) for v in values.values()):
+        raise DataError(f"attributes {value!r:.80} (expected string values)")
+    return {key: v.strip() for key, v in values.items()}
+
+
+def _cell_id(record: Mapping[str, Any], default: str) -> str:
+    value = record.get("id")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        return str(value).strip()
+    raise DataError(f"id is {type(value).__name__} {value!r:.60} (expected a string or a number)")
+
+
+def _parse_record(
+    record: Mapping[str, Any],
+    kind: str,
+    where: str,
+    locate: Callable[[], tuple[str, bytes | Image.Image | None]],
+    default_id: str,
+) -> TaskSample | _Rejected:
+    """One row as a sample of ``kind``, or the reason it cannot be read. ``locate`` gives (image, in-memory data)."""
+    try:
+        image, data = locate()
+        common = {
+            "image": image,
+            "data": data,
+            "id": _cell_id(record, default_id),
+            "attributes": _cell_attributes(record),
+            "origin": where,
+        }
+        if kind == "vqa":
+            question_type = _cell_text(record, "question_type", required=False)
+            return VQASample(
+                **common,
+                question=_cell_text(record, "question", required=True),
+                answers=_cell_answers(record),
+                question_type=question_type if question_type and question_type.strip() else DEFAULT_QUESTION_TYPE,
+            )
+        if kind == "entailment":
+            return EntailmentSample(
+                **common, hypothesis=_cell_text(record, "hypothesis", required=True), label=_cell_label(record)
+            )
+        return ChoiceSample(
+            **common,
+            question=_cell_text(record, "question", required=True),
+            candidates=_cell_texts(record, "candidates", required=True),
+            answer_index=_cell_index(record, "answer", "candidates", required=True),
+            rationales=_cell_texts(record, "rationales", required=False),
+            rationale_index=_cell_index(record, "rationale", "rationales", required=False),
+        )
+    except DataError as err:
+        return _Rejected(f"{where}: {err}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifests.
+
+
+def load_task_manifest(
+    path: str | os.PathLike,
+    kind: str,
+    image_root: str | os.PathLike | None = None,
+    skip_bad: bool = False,
+    answers: Sequence[str] | None = None,
+    preload: bool = False,
+) -> TaskDataset:
+    """Reads a JSONL manifest with one item of ``kind`` per row.
+
+    Columns (all kinds): ``image`` (path; relative paths resolve against ``image_root``, else the manifest's
+    directory), optional ``id`` (default: the row number), optional ``attributes`` (an object of strings). VQA:
+    ``question``, ``answers`` (a list of strings) or ``answer`` (one string), optional ``question_type`` (default
+    ``"other"``). Entailment: ``hypothesis``, ``label`` (``"entailment"``/``"neutral"``/``"contradiction"`` or
+    0/1/2). Multiple choice: ``question``, ``candidates`` (a list), ``answer`` (index into the candidates), optional
+    ``rationales`` (a list) and ``rationale`` (index into the rationales). Rows are numbered as lines, from 1.
+
+    Args:
+        path: the manifest (``.jsonl`` or ``.ndjson``).
+        kind: ``"vqa"``, ``"entailment"`` or ``"multiple_choice"``.
+        image_root: directory that relative image paths are resolved against.
+        skip_bad: drop bad rows and count them instead of raising.
+        answers: VQA: the answer vocabulary (e.g. ``train.answers`` for an evaluation set); a row whose target
+            answer is not in it is bad. None builds it from this manifest's answers.
+        preload: keep decoded images in memory.
+
+    Raises:
+        DataError: the file is missing or malformed, a required column is missing, or (without ``skip_bad``) a row
+            is bad; the message names the file, the row and what was expected.
+    """
+    path = Path(path)
+    source = str(path)
+    _check_kind(kind, source)
+    if path.suffix.lower() not in _MANIFEST_SUFFIXES:
+        raise DataError(f"{source}: task manifests are JSONL; expected a suffix in {', '.join(_MANIFEST_SUFFIXES)}")
+    if not path.is_file():
+        raise DataError(f"manifest {source!r} not found")
+    root = Path(image_root) if image_root is not None else path.parent
+    records, columns = _read_jsonl(path)
+    if not records:
+        raise DataError(f"{source}: manifest has no rows")
+    _check_required(columns, kind, source, hint="")
+    entries: list[TaskSample | _Rejected] = []
+    for lineno, record in records:
+        where = f"{source} row {lineno}"
+        if isinstance(record, str):  # a line the reader could not parse; the string says why
+            entries.append(_Rejected(f"{where}: {record}"))
+            continue
+
+        def locate(record: Mapping[str, Any] = record) -> tuple[str, None]:
+            image = _cell_text(record, "image", required=True)
+            if not image.strip():
+                raise DataError("empty image (expected a path)")
+            return os.path.abspath(root / Path(image.strip()).expanduser()), None
+
+        entries.append(_parse_record(record, kind, where, locate, str(lineno)))
+    return TaskDataset._from_entries(entries, kind, source, answers, skip_bad, preload)
+
+
+def _check_required(columns: Sequence[str], kind: str, source: str, hint: str) -> None:
+    for required in _REQUIRED[kind]:
+        options = required if isinstance(required, tuple) else (required,)
+        if not any(option in columns for option in options):
+            name = " or ".join(repr(option) for option in options)
+            found = ", ".join(repr(c) for c in columns) or "none"
+            raise DataError(f"{source}: missing required column {name} for kind {kind!r}; columns found: {found}{hint}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face datasets.
+
+
+def load_task_hf(
+    name_or_path: str | os.PathLike,
+    kind: str,
+    split: str | None = None,
+    columns: Mapping[str, str | None] | None = None,
+    skip_bad: bool = False,
+    answers: Sequence[str] | None = None,
+    preload: bool = False,
+    image_root: str | os.PathLike | None = None,
+    **load_kwargs: Any,
+) -> TaskDataset:
+    """Reads items of ``kind`` from a Hugging Face dataset, one item per row.
+
+    Opened as in :func:`~vldistill.data.pairs.load_hf_dataset`: a ``save_to_disk`` directory with
+    ``datasets.load_from_disk``, anything else with ``datasets.load_dataset(name_or_path, split=split,
+    **load_kwargs)``. The image column may hold paths or images. ``columns`` maps our keys (the manifest columns of
+    :func:`load_task_manifest`) to the dataset's columns; keys left out are looked for under their own name (image
+    also under img/image_path/file_name, candidates under choices/options, answer and rationale also under
+    answer_index/rationale_index); map a key to None to ignore a column. VQA ``answers`` may also be dicts with an
+    ``answer`` key, as in VQA v2 on the hub. Rows are numbered from 0.
+
+    Args:
+        name_or_path: hub name, builder name ("json", "parquet", ...) or a saved dataset directory.
+        kind: ``"vqa"``, ``"entailment"`` or ``"multiple_choice"``.
+        split: which split to read (needed unless the dataset has a single split).
+        columns: key -> column name mapping, see above.
+        skip_bad: drop bad rows and count them instead of raising.
+        answers: VQA: the answer vocabulary; None builds it from this dataset's answers.
+        preload: keep decoded images in memory.
+        image_root: directory that relative image paths are resolved against (default as in ``load_hf_dataset``).
+        **load_kwargs: passed to ``datasets.load_dataset``.
+
+    Raises:
+        DataError: a mapped column is missing (the message lists the available columns), the split does not exist,
+            or (without ``skip_bad``) a row is bad.
+    """
+    source = _hf_source(name_or_path, split, load_kwargs)
+    _check_kind(kind, source)
+    dataset = _open_hf(name_or_path, split, load_kwargs)
+    mapping = _resolve_task_columns(dataset.column_names, columns, kind, source)
+    dataset = _undecoded_images(dataset, mapping["image"])
+    root = Path(image_root) if image_root is not None else _hf_image_root(name_or_path, load_kwargs)
+    table = dataset.select_columns(sorted(set(mapping.values()))).to_dict()
+    entries: list[TaskSample | _Rejected] = []
+    for i in range(len(table[mapping["image"]])):
+        record = {key: table[col][i] for key, col in mapping.items()}
+
+        locate = partial(_hf_image, record.get("image"), f"{source}[{i}]", root)
+        entries.append(_parse_record(record, kind, f"{source} row {i}", locate, str(i)))
+    return TaskDataset._from_entries(entries, kind, source, answers, skip_bad, preload)
+
+
+def _resolve_task_columns(
+    available: list[str], columns: Mapping[str, str | None] | None, kind: str, source: str
+) -> dict[str, str]:
+    """Maps our keys to the dataset's columns, checking that every mapped column exists."""
+    defaults = {**_COMMON_COLUMNS, **_KIND_COLUMNS[kind]}
+    columns = dict(columns or {})
+    mapping: dict[str, str] = {}
+    for key, col in columns.items():
+        if key not in defaults:
+            raise DataError(
+                f"{source}: unknown column key {key!r} for kind {kind!r}; allowed keys: {', '.join(defaults)}"
+            )
+        if col is not None and col not in available:
+            raise DataError(f"{source}: column {col!r} (mapped as {key!r}) not found; available columns: {available}")
+        if col is not None:
+            mapping[key] = col
+    for key, candidates in defaults.items():
+        if key not in columns:
+            found = next((c for c in candidates if c in available), None)
+            if found is not None:
+                mapping[key] = found
+    _check_required(list(mapping), kind, source, f"; dataset columns: {available}; map them with columns={{...}}")
+    return mapping

@@ -1,0 +1,50 @@
+"""Students: kinds (architectures honouring one contract, :mod:`vldistill.students.kinds`) and presets (small
+factories that build one student of a kind, :data:`STUDENTS`).
+
+Kinds: ``dual_encoder`` (:class:`~vldistill.models.DualEncoder`: CLIP-family image + text towers), ``seq2seq``
+(an encoder-decoder LM aligned to the teacher, VLKD) and ``crossmodal`` (a single-stream vision-language encoder
+with a task head, CLIP-TD / MAD).
+"""
+
+from ..models import DualEncoder
+from .crossmodal import CrossModalProcessor, CrossModalStudent
+from .kinds import STUDENT_KINDS, STUDENT_OUTPUTS, StudentKind, set_trainable
+from .presets import (
+    CLIP_MEAN,
+    CLIP_STD,
+    STUDENT_MEAN,
+    STUDENT_STD,
+    STUDENTS,
+    build_student,
+    clip_from_config,
+    image_processor_for,
+    prepare_student,
+    takes_teacher,
+)
+from .seq2seq import Seq2SeqOptions, Seq2SeqProcessor, Seq2SeqStudent, span_corrupt
+
+STUDENT_KINDS.register("dual_encoder")(DualEncoder)
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "STUDENTS",
+    "STUDENT_KINDS",
+    "STUDENT_MEAN",
+    "STUDENT_OUTPUTS",
+    "STUDENT_STD",
+    "CrossModalProcessor",
+    "CrossModalStudent",
+    "DualEncoder",
+    "Seq2SeqOptions",
+    "Seq2SeqProcessor",
+    "Seq2SeqStudent",
+    "StudentKind",
+    "build_student",
+    "clip_from_config",
+    "image_processor_for",
+    "prepare_student",
+    "set_trainable",
+    "span_corrupt",
+    "takes_teacher",
+]
