@@ -495,7 +495,7 @@ def test_needs_are_declared_without_building_the_loss():
 
 def test_build_loss_errors():
     d = dims((2, 2, 2), (2, 2, 2))
-    with pytest.raises(KeyError, match=r"unknown loss 'nope'; registered: clip, crd, fd, icl, .*soft_ce, xling"):
+    with pytest.raises(KeyError, match=r"unknown loss 'nope'; registered: clip, crd, fd, icl, .*soft_ce, .*xling"):
         build_loss("nope", d)
     allowed = "allowed options: tower, lang, teacher_lang, norm, level, teacher, adapter"
     with pytest.raises(ValueError, match=re.escape(f"unknown option(s) 'normm' for loss 'fd'; {allowed}")):
