@@ -76,7 +76,7 @@ TT2 = [[0.5, 0.8], [0.9, -0.2], [-0.7, 0.6]]
 
 
 def test_registry_lists_every_loss():
-    assert LOSSES.names() == ["clip", "crd", "fd", "icl", "mfd", "soft_ce", "xling"]
+    assert LOSSES.names() == ["clip", "crd", "fd", "icl", "lm", "mfd", "soft_ce", "task", "xling"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
