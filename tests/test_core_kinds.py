@@ -165,7 +165,9 @@ def test_a_bart_student_reads_the_teachers_image_and_trains_only_its_named_group
 def test_a_loss_the_student_kind_cannot_feed_fails_before_training(tmp_path, tokenizer):
     student = build_student("test-clip", tokenizer)
     cfg = recipe(tmp_path, "test-clip", [{"name": "task"}], ["image"], ["en"])
-    msg = "stages.0.losses.0 (task): needs 'task_logits' from the student, which a dual_encoder student does not provide"
+    msg = (
+        "stages.0.losses.0 (task): needs 'task_logits' from the student, which a dual_encoder student does not provide"
+    )
     with pytest.raises(ConfigError, match=re.escape(msg)):
         Trainer(cfg, student, pair_items())
     assert not (tmp_path / "run").exists()

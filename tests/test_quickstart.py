@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from transformers import AutoModel, CLIPModel, pipeline
 
-from vldistill.train import quickstart as qs
 from vldistill.cli import main
 from vldistill.data.sources import load_data
 from vldistill.evaluation import evaluate_zeroshot
 from vldistill.models import DualEncoder
+from vldistill.train import quickstart as qs
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,10 @@ def test_info_lists_every_registry(capsys):
     assert {"dcclip", "reference-teacher"} <= set(info["recipes"])
     assert "easyvqa" in info["datasets"]
     assert {"clip", "chinese_clip", "altclip", "siglip"} <= set(info["teachers"])
+    assert info["kinds"] == ["crossmodal", "dual_encoder", "seq2seq"]
+    assert {"zeroshot", "vqa", "captioning", "entailment", "multiple_choice"} <= set(info["tasks"])
+    assert {"test-vilt", "test-bart", "vilt", "seq2seq"} <= set(info["students"])
+    assert {"easyvqa-vqa", "easyvqa-entailment", "easyvqa-mc"} <= set(info["datasets"])
 
 
 def test_every_command_has_help(capsys):

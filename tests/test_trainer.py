@@ -551,7 +551,8 @@ def test_bad_loss_names_its_recipe_key(tmp_path, data, teacher, make_student, lo
 
 def test_unknown_trainable_group_lists_the_students_groups(tmp_path, data, make_student) -> None:
     cfg = recipe(tmp_path / "run", [{"steps": 1, "losses": ["clip"], "trainable": ["image", "audio"]}], teacher=False)
-    msg = "stages.0.trainable: ['audio'] are not parameter groups of a dual_encoder student; it has ['image', 'scale', 'text']"
+    msg = "stages.0.trainable: ['audio'] are not parameter groups of a dual_encoder student; "
+    msg += "it has ['image', 'scale', 'text']"
     with pytest.raises(ConfigError, match=re.escape(msg)):
         Trainer(cfg, make_student(), data.dataset)
     assert not (tmp_path / "run").exists()

@@ -108,7 +108,8 @@ class Collator:
                 self.views.apply(img, s["index"], s.get("view", 0)) for img, s in zip(images, samples, strict=True)
             ]
         per_sample = [teacher_texts(s) for s in samples]
-        fields = sorted({f for langs in [self.languages, *self.teacher_languages] for f in langs})
+        student_fields = self.languages if self.dual else []  # other kinds read their own fields in processor()
+        fields = sorted({f for langs in [student_fields, *self.teacher_languages] for f in langs})
         texts = {f: [t[f] for t in per_sample] for f in fields if all(f in t for t in per_sample)}
         missing = [f for f in fields if f not in texts]
         if missing:

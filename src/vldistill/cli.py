@@ -113,12 +113,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .data import DATASETS
     from .losses import LOSSES
     from .models import FAMILIES
-    from .students import STUDENTS
+    from .students import STUDENT_KINDS, STUDENTS
+    from .tasks import TASKS
 
     sections = {
         "teachers (model families, from a hub id or directory)": FAMILIES.names(),
+        "kinds (of student)": STUDENT_KINDS.names(),
         "students (presets)": STUDENTS.names(),
         "losses": LOSSES.names(),
+        "tasks": TASKS.names(),
         "recipes": RECIPES.names(),
         "datasets": DATASETS.names(),
     }

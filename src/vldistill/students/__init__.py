@@ -6,6 +6,9 @@ Kinds: ``dual_encoder`` (:class:`~vldistill.models.DualEncoder`: CLIP-family ima
 with a task head, CLIP-TD / MAD).
 """
 
+import json
+from pathlib import Path
+
 from ..models import DualEncoder
 from .crossmodal import CrossModalProcessor, CrossModalStudent
 from .kinds import STUDENT_KINDS, STUDENT_OUTPUTS, StudentKind, set_trainable
@@ -25,6 +28,17 @@ from .seq2seq import Seq2SeqOptions, Seq2SeqProcessor, Seq2SeqStudent, span_corr
 
 STUDENT_KINDS.register("dual_encoder")(DualEncoder)
 
+
+def load_student(directory):
+    """Load a student saved by ``save_pretrained``, whatever its kind: a directory with a ``vldistill.json`` names its
+    kind (seq2seq, crossmodal); any other is a Hugging Face dual encoder."""
+    config = Path(directory) / "vldistill.json"
+    if config.is_file():
+        kind = json.loads(config.read_text(encoding="utf-8")).get("kind", "dual_encoder")
+        return STUDENT_KINDS.get(kind).from_pretrained(directory)
+    return DualEncoder.from_pretrained(directory)
+
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -43,6 +57,7 @@ __all__ = [
     "build_student",
     "clip_from_config",
     "image_processor_for",
+    "load_student",
     "prepare_student",
     "set_trainable",
     "span_corrupt",

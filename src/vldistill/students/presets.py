@@ -305,19 +305,34 @@ def build_student(preset: str, tokenizer=None, **options: Any) -> DualEncoder:
     return STUDENTS.get(preset)(tokenizer=tokenizer, **options)
 
 
+def _takes(preset: str, name: str) -> bool:
+    return preset in STUDENTS and name in inspect.signature(STUDENTS.get(preset)).parameters
+
+
 def prepare_student(
-    cfg: RecipeConfig, corpus: Sequence[str] = (), tokenizer=None, teachers: Sequence[DualEncoder] = ()
-) -> DualEncoder:
+    cfg: RecipeConfig,
+    corpus: Sequence[str] = (),
+    tokenizer=None,
+    teachers: Sequence[DualEncoder] = (),
+    answers: Sequence[str] | None = None,
+):
     """Build the student preset; trains a tokenizer on ``corpus`` when the preset needs one and none is given.
 
-    A preset that builds on the teacher (e.g. ``mclip-text``, which reuses its image tower) gets ``teachers[0]``.
+    A preset that builds on the teacher (e.g. ``mclip-text``, which reuses its image tower, or a seq2seq student,
+    whose projections take the teacher's widths) gets ``teachers[0]``. A preset that takes a checkpoint gets
+    ``student.name_or_path``; one with a task head gets the task (``data.task``) and the training data's VQA answer
+    vocabulary ``answers``.
     """
     from ..tokenization import train_wordpiece
 
     scfg = cfg.student
     options: dict[str, Any] = dict(scfg.overrides)
-    if scfg.preset == "pretrained":
+    if scfg.preset == "pretrained" or (scfg.name_or_path and _takes(scfg.preset, "name_or_path")):
         options["name_or_path"] = scfg.name_or_path
+    if _takes(scfg.preset, "task") and cfg.data.task != "pairs":
+        options.setdefault("task", cfg.data.task)
+    if answers and _takes(scfg.preset, "answers") and options.get("task", cfg.data.task) == "vqa":
+        options.setdefault("answers", list(answers))
     if scfg.preset == "vtde":
         options.update(vision=scfg.vision, text=scfg.text)
     if takes_teacher(scfg.preset):
@@ -325,7 +340,8 @@ def prepare_student(
             raise ConfigError(f"student.preset: {scfg.preset!r} builds on the teacher, but none is set (teacher:)")
         options["teacher"] = teachers[0]
     tok = tokenizer or scfg.tokenizer
-    if tok is None and scfg.preset not in ("pretrained", "vtde"):
+    from_checkpoint = scfg.preset in ("pretrained", "vtde") or "name_or_path" in options
+    if tok is None and not from_checkpoint:
         if not corpus:
             raise ConfigError("student.tokenizer is not set and there is no text to train one on")
         tok = train_wordpiece(corpus, vocab_size=scfg.vocab_size)

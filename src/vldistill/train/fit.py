@@ -10,17 +10,21 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..batching import TeacherSource
-from ..config import ConfigError, DataConfig, EvalConfig, RecipeConfig
-from ..data.sources import LabelledData, load_data
+from ..batching import TeacherSource, teacher_texts
+from ..config import ConfigError, DataConfig, EvalConfig, RecipeConfig, to_dict
+from ..data.sources import LabelledData, load_data, load_task_data
+from ..data.splits import apply_split
 from ..evaluation import agreement, evaluate, mean_cosine
 from ..models import DualEncoder, Teacher, load_teacher, prepare_teachers
-from ..students import prepare_student
+from ..students import load_student, prepare_student
+from ..tasks import get_task
+from ..tasks.predict import task_predictor
 from .loop import FitResult, Trainer
 
 
@@ -39,18 +43,71 @@ def _load_split(cfg: DataConfig, source: str, split: str, languages: Sequence[st
     )
 
 
+def _load_task_split(cfg: DataConfig, source: str, split: str, limit: int | None, answers=None) -> LabelledData:
+    dataset = load_task_data(
+        source,
+        cfg.task,
+        split=split,
+        limit=limit,
+        image_root=cfg.image_root,
+        columns=cfg.columns,
+        skip_bad=cfg.skip_bad,
+        answers=answers,
+    )
+    return LabelledData(dataset)
+
+
 def load_train_data(cfg: DataConfig) -> LabelledData:
-    return _load_split(cfg, cfg.train, cfg.train_split, cfg.languages, cfg.limit_train)
+    """The training split, in the regime ``data.split`` names (low-shot, domain shift: the held-out items never
+    reach training)."""
+    if cfg.task != "pairs":
+        train = _load_task_split(cfg, cfg.train, cfg.train_split, cfg.limit_train)
+    else:
+        train = _load_split(cfg, cfg.train, cfg.train_split, cfg.languages, cfg.limit_train)
+    if cfg.split.low_shot is not None or cfg.split.domain_shift is not None:
+        train.dataset = apply_split(cfg.split, train.dataset, None)[0]
+    return train
 
 
-def load_eval_data(cfg: DataConfig, languages: Sequence[str] | None = None) -> LabelledData | None:
+def load_eval_data(
+    cfg: DataConfig, languages: Sequence[str] | None = None, train: LabelledData | None = None
+) -> LabelledData | None:
+    """The evaluation split; under a domain shift only its held-out items (those training never saw). Task data is
+    read with the training set's VQA answer vocabulary (``train``)."""
     if not cfg.eval:
         return None
-    return _load_split(cfg, cfg.eval, cfg.eval_split, languages or cfg.languages, cfg.limit_eval)
+    if cfg.task != "pairs":
+        answers = getattr(train.dataset, "answers", None) if train is not None else None
+        data = _load_task_split(cfg, cfg.eval, cfg.eval_split, cfg.limit_eval, answers or None)
+    else:
+        data = _load_split(cfg, cfg.eval, cfg.eval_split, languages or cfg.languages, cfg.limit_eval)
+    if cfg.split.domain_shift is not None:
+        if train is None:
+            raise ConfigError("data.split.domain_shift: the evaluation split is chosen against the training data")
+        shift_only = replace(cfg.split, low_shot=None)
+        data.dataset = apply_split(shift_only, _unsplit_train(cfg, train), data.dataset)[1]
+    return data
+
+
+def _unsplit_train(cfg: DataConfig, train: LabelledData) -> Any:
+    """The training data before the low-shot draw (the domain shift's check that training keeps items needs it);
+    reloading is avoided when no low-shot draw was made."""
+    if cfg.split.low_shot is None:
+        return train.dataset
+    if cfg.task != "pairs":
+        return _load_task_split(cfg, cfg.train, cfg.train_split, cfg.limit_train).dataset
+    return _load_split(cfg, cfg.train, cfg.train_split, cfg.languages, cfg.limit_train).dataset
 
 
 def tokenizer_corpus(data: LabelledData, languages: Sequence[str]) -> list[str]:
-    """Captions, class names and templates: the text a trained tokenizer must cover."""
+    """Captions (or, for task data, every text a teacher would embed and the answers), class names and templates:
+    the text a trained tokenizer must cover."""
+    if not hasattr(data.dataset, "languages"):  # task data: questions, hypotheses, candidates, answers
+        corpus = []
+        for i in range(len(data.dataset.samples)):
+            texts = teacher_texts(data.dataset.samples[i])
+            corpus += [t for v in texts.values() for t in ([v] if isinstance(v, str) else v)]
+        return corpus + list(getattr(data.dataset, "answers", []))
     corpus = [s.captions[lang] for s in data.dataset.samples for lang in languages if lang in s.captions]
     for lang in languages:
         corpus += data.classnames.get(lang, []) + [t.replace("{}", "") for t in data.templates.get(lang, [])]
@@ -94,9 +151,10 @@ def fit_recipe(
     if student is None:
         corpus = tokenizer_corpus(train_data, cfg.data.languages)
         if resume and (Path(cfg.train.output_dir) / "student-init").is_dir():
-            student = DualEncoder.from_pretrained(Path(cfg.train.output_dir) / "student-init")
+            student = load_student(Path(cfg.train.output_dir) / "student-init")
         else:
-            student = prepare_student(cfg, corpus, teachers=teachers)
+            answers = getattr(train_data.dataset, "answers", None)
+            student = prepare_student(cfg, corpus, teachers=teachers, answers=answers)
     trainer = Trainer(cfg, student, train_data.dataset, teachers, teacher_source)
     main = trainer.accelerator.is_main_process  # several processes: only the main one writes and evaluates
     init_dir = Path(cfg.train.output_dir) / "student-init"
@@ -119,11 +177,14 @@ def fit_recipe(
         summary["skipped_rows"] = skipped
         print(train_data.dataset.summary(), flush=True)
     if evaluate_after and cfg.data.eval:
-        eval_data = eval_data or load_eval_data(cfg.data, cfg.eval.languages)
+        eval_data = eval_data or load_eval_data(cfg.data, cfg.eval.languages, train_data)
         if cached and not teachers and cfg.teachers:  # trained from a cache: load the teacher only to compare
             teachers = prepare_teachers(cfg)
         teacher = teachers[0] if teachers else None
-        summary["eval"] = compare(student, teacher, eval_data, cfg.eval.languages, cfg.eval.batch_size)
+        if cfg.data.task != "pairs":
+            summary["eval"] = evaluate_task(student, teacher, eval_data, train_data, cfg)
+        else:
+            summary["eval"] = compare(student, teacher, eval_data, cfg.eval.languages, cfg.eval.batch_size)
         (result.output_dir / "eval.json").write_text(json.dumps(summary["eval"], indent=2, ensure_ascii=False))
     return summary
 
@@ -176,6 +237,28 @@ def compare(
         metrics["teacher"] = t_out["metrics"]
         metrics["agreement"] = _agreement(out, t_out)
     return metrics
+
+
+def evaluate_task(
+    student: Any, teacher: DualEncoder | None, data: LabelledData, train: LabelledData, cfg: RecipeConfig
+) -> dict[str, Any]:
+    """The task's metrics (``data.task``) for the student and, where a dual encoder can answer the task zero-shot,
+    for the teacher; entailment also reports a hypothesis-only text model fitted on the training split."""
+    task = get_task(cfg.data.task)
+    answers = getattr(train.dataset, "answers", ())
+    options = {"batch_size": cfg.eval.batch_size}
+    if cfg.data.task == "entailment":
+        options["train"] = train.dataset
+    out: dict[str, Any] = {"task": task.name, "data": cfg.data.eval, "split": to_dict(cfg.data.split)}
+    out["student"] = task.evaluate(task_predictor(student, task.name, answers), data.dataset, **options)
+    if teacher is not None:
+        try:
+            predict = task_predictor(teacher, task.name, answers)
+        except ValueError as err:  # e.g. zero-shot entailment: a similarity has no "neutral"
+            out["teacher"] = {"skipped": str(err)}
+        else:
+            out["teacher"] = task.evaluate(predict, data.dataset, **{k: v for k, v in options.items() if k != "train"})
+    return out
 
 
 def _agreement(out: dict[str, Any], t_out: dict[str, Any]) -> dict[str, float]:

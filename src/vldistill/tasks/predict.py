@@ -1,0 +1,91 @@
+"""Predictors: how each student kind answers a task, as a function ``samples -> predictions`` that a task's
+``evaluate`` takes (``vldistill.tasks``).
+
+- A cross-modal student answers through its task head: the arg-max answer (VQA: the answer string from its
+  vocabulary), label (entailment) or candidate (multiple choice).
+- A dual encoder answers zero-shot, as CLIP does: VQA by the answer whose ``question + answer`` text is closest to the
+  image, multiple choice by the closest ``question + candidate``, entailment not at all (a similarity has no
+  "neutral").
+- A seq2seq student answers by generation (VLKD); its predictor needs the teacher's image outputs and is not
+  built here yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..batching import teacher_texts
+
+
+def task_predictor(model: nn.Module, task: str, answers: Sequence[str] = ()):
+    """A predictor for ``model`` on ``task`` (``vqa``, ``entailment``, ``multiple_choice``).
+
+    Args:
+        model: a student of any kind, or a teacher (a dual encoder).
+        task: the task name.
+        answers: the VQA answer vocabulary a dual encoder chooses from (a cross-modal student has its own).
+
+    Raises:
+        ValueError: the model's kind cannot answer that task.
+    """
+    kind = getattr(model, "kind", "")
+    if kind == "crossmodal":
+        return _head_predictor(model, task)
+    if kind == "dual_encoder":
+        if task == "vqa":
+            if not answers:
+                raise ValueError("zero-shot VQA with a dual encoder needs the answer vocabulary (answers=)")
+            return _zeroshot_vqa(model, list(answers))
+        if task == "multiple_choice":
+            return _zeroshot_choice(model)
+    raise ValueError(f"a {kind or type(model).__name__} model cannot answer the {task!r} task here")
+
+
+def _head_predictor(model: nn.Module, task: str):
+    if model.task != task:
+        raise ValueError(f"the student's head answers {model.task!r}, not {task!r}")
+    processor = model.processor()
+
+    @torch.no_grad()
+    def predict(samples: list[dict[str, Any]]) -> list[Any]:
+        was = model.training
+        model.eval()
+        try:
+            inputs = processor(samples)
+            inputs.pop("targets", None)  # multiple choice: report the model's own best candidate's tokens
+            logits = model(inputs, frozenset({"task_logits"})).extra["task_logits"]
+        finally:
+            model.train(was)
+        best = logits.argmax(dim=-1).tolist()
+        return [model.labels[i] for i in best] if task == "vqa" else best
+
+    return predict
+
+
+def _zeroshot_vqa(model: nn.Module, answers: list[str]):
+    @torch.no_grad()
+    def predict(samples: list[dict[str, Any]]) -> list[str]:
+        images = model.embed_images([s["image"] for s in samples])
+        out = []
+        for s, img in zip(samples, images, strict=True):
+            texts = model.embed_texts([f"{s['question']} {a}" for a in answers])
+            out.append(answers[int((texts @ img).argmax())])
+        return out
+
+    return predict
+
+
+def _zeroshot_choice(model: nn.Module):
+    @torch.no_grad()
+    def predict(samples: list[dict[str, Any]]) -> list[int]:
+        images = model.embed_images([s["image"] for s in samples])
+        return [
+            int((model.embed_texts(teacher_texts(s)["candidates"]) @ img).argmax())
+            for s, img in zip(samples, images, strict=True)
+        ]
+
+    return predict
