@@ -181,7 +181,7 @@ def run_one(
     start = time.perf_counter()
     student = prepare_student(cfg, tokenizer=tokenizer)  # seeded by train.seed: the same init for every objective
     used = teachers[: len(cfg.teachers)]
-    fit_recipe(cfg, teachers=used, student=student, train_data=train, evaluate_after=False)
+    fit_recipe(cfg, teachers=used, student=student, train_data=train, evaluate_after=False, overwrite=True)
     result = evaluate(student, eval_set, LANGS)
     wall = time.perf_counter() - start
     zs, rt = result["metrics"]["zeroshot"], result["metrics"]["retrieval"]

@@ -153,7 +153,7 @@ def teacher_forward_rate(teacher: Teacher, dataset, batch_size: int) -> float:
 
 def train_rate(cfg, student: DualEncoder, dataset, warmup: int, teachers=(), source=None) -> float:
     """Samples per second of training steps after ``warmup`` steps (from the trainer's own cumulative log)."""
-    result = Trainer(cfg, copy.deepcopy(student), dataset, list(teachers), source).fit()
+    result = Trainer(cfg, copy.deepcopy(student), dataset, list(teachers), source).fit(overwrite=True)
     rows = result.history
     seen = [r["step"] * cfg.train.batch_size for r in rows]
     elapsed = [s / r["samples_per_second"] for s, r in zip(seen, rows, strict=True)]
@@ -187,10 +187,10 @@ def rss_child(args: argparse.Namespace) -> None:
         cfg = recipe(args, out, distill_losses(), teacher, spec["steps"])
         manifest = read_manifest(spec["cache"])  # the benchmark's own cache: its recorded teacher is the run's
         source = CachedTeachers(spec["cache"], data, manifest["teachers"], [TEACHER_LANGS], cfg.cache)
-        Trainer(cfg, student, data, [], source).fit()
+        Trainer(cfg, student, data, [], source).fit(overwrite=True)
     else:
         cfg = recipe(args, out, distill_losses(), {"name_or_path": spec["teacher"]}, spec["steps"])
-        Trainer(cfg, student, data, [load_teacher(spec["teacher"], languages=TEACHER_LANGS)]).fit()
+        Trainer(cfg, student, data, [load_teacher(spec["teacher"], languages=TEACHER_LANGS)]).fit(overwrite=True)
     print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

@@ -40,7 +40,7 @@ def config_error(raw: dict, overrides: dict | None = None) -> str:
 def test_unknown_top_level_key_lists_allowed_keys() -> None:
     msg = config_error({"nmae": "x"})
     assert "'nmae'" in msg
-    assert "allowed keys: name, teachers, student, data, stages, train, eval, tiny" in msg
+    assert "allowed keys: name, role, teachers, student, data, stages, train, eval, tiny, cache" in msg
 
 
 def test_unknown_section_key_names_dotted_key_and_section_keys() -> None:

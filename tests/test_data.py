@@ -197,9 +197,10 @@ def test_skip_bad_drops_and_counts_bad_rows(tmp_path: Path, images) -> None:
     assert ds.skipped == 3 and ds.total == 5
     reasons = ds.skipped_reasons
     assert len(reasons) == 3
-    assert "row 5: empty caption" in reasons[0]  # found while reading rows, before any image is opened
-    assert "row 2: image" in reasons[1] and "not found" in reasons[1]
-    assert "row 3: image" in reasons[2] and "cannot be decoded" in reasons[2]
+    # in file order, however they were found (row 5 while reading rows, rows 2 and 3 when the images were opened)
+    assert "row 2: image" in reasons[0] and "not found" in reasons[0]
+    assert "row 3: image" in reasons[1] and "cannot be decoded" in reasons[1]
+    assert "row 5: empty caption" in reasons[2]
     assert ds.summary().startswith(f"{tmp_path / 'train.jsonl'}: skipped 3 bad samples of 5 (first: ")
 
 

@@ -76,7 +76,9 @@ TT2 = [[0.5, 0.8], [0.9, -0.2], [-0.7, 0.6]]
 
 
 def test_registry_lists_every_loss():
-    assert LOSSES.names() == ["clip", "crd", "fd", "icl", "lm", "mfd", "soft_ce", "task", "xling"]
+    assert LOSSES.names() == [
+        "clip", "clip_td", "crd", "fd", "icl", "icti", "itcl", "lm", "mfd", "soft_ce", "task", "ttdm", "xling",
+    ]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -495,7 +497,7 @@ def test_needs_are_declared_without_building_the_loss():
 
 def test_build_loss_errors():
     d = dims((2, 2, 2), (2, 2, 2))
-    with pytest.raises(KeyError, match=r"unknown loss 'nope'; registered: clip, crd, fd, icl, .*soft_ce, .*xling"):
+    with pytest.raises(KeyError, match=r"unknown loss 'nope'; registered: clip, .*crd, fd, icl, .*soft_ce, .*xling"):
         build_loss("nope", d)
     allowed = "allowed options: tower, lang, teacher_lang, norm, level, teacher, adapter"
     with pytest.raises(ValueError, match=re.escape(f"unknown option(s) 'normm' for loss 'fd'; {allowed}")):

@@ -42,6 +42,15 @@ def test_results_json_has_the_documented_shape(fast_run):
     assert results["baseline"]["params"] == results["student"]["params"]
     assert results["setup"]["student_steps"] == results["setup"]["baseline_steps"]
     assert set(results["targets"]) >= {"student_en_over_teacher_en", "image_speedup"}
+    # the scenario: 10% of the training pairs are captioned for student and baseline; the rest is unpaired
+    setup = results["setup"]
+    assert setup["paired_samples"] == round(0.1 * setup["train_samples"])
+    assert setup["paired_samples"] + setup["unpaired_samples"] == setup["train_samples"]
+    assert results["all_pairs"]["params"] == results["student"]["params"]
+    # the closing sentence is computed from the run
+    s_en, t_en = results["student"]["zeroshot"]["en"]["top1"], results["teacher"]["zeroshot"]["en"]["top1"]
+    assert f"keeps {100 * s_en / t_en:.0f}% of the teacher's English accuracy" in results["summary"]
+    assert f"same {setup['paired_samples']} captioned images" in results["summary"]
 
 
 def test_outputs_report_and_training_logs(fast_run):
@@ -51,7 +60,9 @@ def test_outputs_report_and_training_logs(fast_run):
     distill_rows = [json.loads(x) for x in (fast_run / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in distill_rows} == {"distill", "align"}
     assert any("fd_image" in r and "xling" in r for r in distill_rows)
-    baseline_rows = [json.loads(x) for x in (fast_run / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    baseline_rows = [
+        json.loads(x) for x in (fast_run / "distill" / "baseline" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert all("fd_image" not in r for r in baseline_rows) and all("clip" in r for r in baseline_rows)
 
 
@@ -73,12 +84,14 @@ def test_saved_student_loads_with_transformers_alone_and_agrees_with_the_pipelin
 
 def test_eval_command_on_the_saved_student(fast_run, capsys):
     out_file = fast_run / "eval.json"
-    code = main(["eval", "--model", str(fast_run / "student"), "--limit", "50", "--out", str(out_file)])
+    args = ["--data", "bundled:easyvqa", "--limit", "50", "--out", str(out_file)]
+    code = main(["eval", "--model", str(fast_run / "student"), *args])
     assert code == 0
     metrics = json.loads(out_file.read_text())
     assert sorted(metrics["zeroshot"]) == ["en", "zh"]
     assert 0.0 <= metrics["zeroshot"]["zh"]["top1"] <= 1.0
     assert json.loads(capsys.readouterr().out)["params"] == metrics["params"]
+    assert metrics["data"] == "bundled:easyvqa" and metrics["samples"] == 50  # it names what it evaluated
 
 
 def test_reference_teacher_is_cached_and_retrained_when_its_config_changes(tmp_path, monkeypatch):
@@ -129,7 +142,7 @@ def test_every_command_has_help(capsys):
 
 
 def test_eval_reports_a_missing_model_directory(tmp_path, capsys):
-    code = main(["eval", "--model", str(tmp_path / "nope")])
+    code = main(["eval", "--model", str(tmp_path / "nope"), "--data", "bundled:easyvqa"])
     assert code == 2
     assert "nope" in capsys.readouterr().err
 
@@ -144,7 +157,9 @@ def test_image_timing_helper_measures_the_image_tower():
     assert 0 < ms < 1000
 
 
-@pytest.mark.parametrize("command", [["quickstart", "--fast"], ["eval", "--model", "runs/quickstart/student"]])
+@pytest.mark.parametrize(
+    "command", [["quickstart", "--fast"], ["eval", "--model", "runs/quickstart/student", "--data", "bundled:easyvqa"]]
+)
 def test_single_process_commands_refuse_to_run_on_several(command, tmp_path, monkeypatch, capsys):
     """Under torchrun every process would do, and write, the same work: only `fit` trains on several processes."""
     monkeypatch.chdir(tmp_path)

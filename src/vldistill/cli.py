@@ -1,4 +1,4 @@
-"""The ``vldistill`` command line: quickstart, fit, cache, eval, info.
+"""The ``vldistill`` command line: quickstart, fit, cache, eval, generate, info.
 
 Sits on top of the library; nothing in the library imports it.
 """
@@ -6,10 +6,13 @@ Sits on top of the library; nothing in the library imports it.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 from pathlib import Path
+
+import yaml
 
 from .config import ConfigError, EvalConfig
 
@@ -28,15 +31,30 @@ def _cmd_fit(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = parse_overrides(extra)
     if args.teacher:
         overrides["teacher.name_or_path"] = args.teacher
+    if args.student:
+        overrides["student.name_or_path"] = args.student
     if args.output:
         overrides["train.output_dir"] = args.output
     cfg = load_recipe(args.recipe, overrides, tiny=args.tiny)
-    result = fit_recipe(cfg, resume=args.resume)
+    if args.student:
+        _check_takes_checkpoint(cfg.student.preset)
+    result = fit_recipe(cfg, resume=args.resume, baseline=args.baseline, overwrite=args.overwrite)
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # launched on several processes: print the summary once
         print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
+
+
+def _check_takes_checkpoint(preset: str) -> None:
+    """``--student`` sets ``student.name_or_path``, which only presets built from a checkpoint read."""
+    import inspect
+
+    from .students import STUDENTS
+
+    takes = [n for n in STUDENTS.names() if "name_or_path" in inspect.signature(STUDENTS.get(n)).parameters]
+    if preset in STUDENTS and preset not in takes:
+        raise ConfigError(f"--student: preset {preset!r} takes no checkpoint; presets that do: {', '.join(takes)}")
 
 
 def _cmd_cache(args: argparse.Namespace, extra: list[str]) -> int:
@@ -91,7 +109,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size {args.batch_size}: it must be at least 1")
     if args.teacher_languages and not args.teacher:
         raise ConfigError("--teacher-languages: give --teacher too (the languages are the teacher's)")
-    data = DataConfig(eval=args.data, eval_split=args.split, limit_eval=args.limit, image_root=args.image_root)
+    data = DataConfig(
+        eval=args.data,
+        eval_split=args.split,
+        limit_eval=args.limit,
+        image_root=args.image_root,
+        classnames=_per_language("--classnames", args.classnames),
+        templates=_per_language("--templates", args.templates),
+    )
     metrics = evaluate_model(
         args.model,
         data,
@@ -104,6 +129,50 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+def _per_language(flag: str, values: list[str] | None) -> dict[str, list[str]]:
+    """``LANG=FILE`` (a .txt file with one entry per line, or a .json list) or ``LANG=a,b,c`` (inline), per language."""
+    out: dict[str, list[str]] = {}
+    for value in values or []:
+        if "=" not in value and Path(value).suffix.lower() in (".yaml", ".yml", ".json") and Path(value).is_file():
+            mapping = yaml.safe_load(Path(value).read_text(encoding="utf-8"))  # every language at once
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"{flag} {value!r}: the file must hold a mapping of language -> list")
+            out.update({str(k): [str(x) for x in v] for k, v in mapping.items()})
+            continue
+        lang, sep, spec = value.partition("=")
+        if not sep or not lang or not spec:
+            raise ConfigError(
+                f"{flag} {value!r}: expected LANG=FILE, LANG=a,b,c or a YAML file of language -> list, "
+                f"e.g. {flag} en=classes.txt"
+            )
+        path = Path(spec)
+        if path.suffix.lower() in (".txt", ".json"):
+            if not path.is_file():
+                raise ConfigError(f"{flag} {value!r}: file {spec!r} not found")
+            text = path.read_text(encoding="utf-8")
+            entries = json.loads(text) if path.suffix.lower() == ".json" else text.splitlines()
+        else:
+            entries = spec.split(",")
+        entries = [str(e).strip() for e in entries if str(e).strip()]
+        if not entries:
+            raise ConfigError(f"{flag} {value!r}: no entries")
+        out[lang] = entries
+    return out
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .train.vlkd import generate_from_export
+
+    for flag, value in (("--num-beams", args.num_beams), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: it must be at least 1")
+    result = generate_from_export(
+        args.model, args.image, args.question, args.teacher, args.num_beams, args.max_new_tokens
+    )
+    print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -163,9 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("recipe", help="recipe YAML or name (vldistill info lists them)")
     f.add_argument("--teacher", help="shorthand for --teacher.name_or_path")
+    f.add_argument("--student", help="shorthand for --student.name_or_path: the checkpoint to start from (e.g. a ViLT)")
     f.add_argument("--output", help="shorthand for --train.output_dir")
     f.add_argument("--tiny", action="store_true", help="apply the recipe's tiny overrides (a run of seconds)")
     f.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    f.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in the output dir (its checkpoints, metrics, student...); without it a directory "
+        "holding another run is refused",
+    )
+    f.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also train the same student without the teacher (task loss only, same data, steps and batch size) "
+        "and report student, baseline and teacher side by side with the gain",
+    )
 
     c = sub.add_parser(
         "cache",
@@ -197,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--rebuild",
         action="store_true",
-        help="replace a cache built from other data or settings (missing teachers are added without it)",
+        help="build the cache anew, whatever it holds (without it: a complete cache of the same data and settings "
+        "is reused, its damaged shards recomputed, missing teachers added)",
     )
 
     e = sub.add_parser(
@@ -207,7 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
         "a teacher directory or a hub id).",
     )
     e.add_argument("--model", required=True, help="directory or hub id of the model to evaluate")
-    e.add_argument("--data", default="bundled:easyvqa", help="bundled:easyvqa, a manifest, or hf:NAME")
+    e.add_argument("--data", required=True, help="the evaluation data: bundled:easyvqa, a manifest, or hf:NAME")
+    e.add_argument(
+        "--classnames",
+        nargs="+",
+        metavar="LANG=FILE_OR_LIST",
+        help="zero-shot class names in label order: classes.yaml (language -> list), en=classes.txt (one per line, "
+        "or a .json list) or en=cat,dog (bundled data has its own)",
+    )
+    e.add_argument(
+        "--templates",
+        nargs="+",
+        metavar="LANG=FILE_OR_LIST",
+        help="zero-shot prompt templates per language, each with {}: en=templates.txt or 'en=a photo of a {}.' "
+        "(default: 'a photo of a {}.')",
+    )
     e.add_argument("--split", default="test")
     e.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
     e.add_argument("--image-root", default=None, help="directory for relative image paths in a manifest")
@@ -223,6 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"images or texts per model call (default {EvalConfig().batch_size}: eval.batch_size)",
     )
     e.add_argument("--out", help="also write the metrics to this JSON file")
+
+    g = sub.add_parser(
+        "generate",
+        help="answer a question about an image, or caption it, with a VLKD export",
+        description="Load a seq2seq student exported by `vldistill fit` (a VLKD recipe) and its teacher (named in its "
+        "teacher.json and checked by weights hash), embed the image with the teacher and generate: the answer to "
+        "--question, or a caption without it. Prompts and decoding come from the export's recipe.",
+        epilog="Example: vldistill generate --model runs/vlkd/student --image photo.png --question 'what color is it?'",
+    )
+    g.add_argument("--model", required=True, help="the export directory (OUTPUT_DIR/student of a VLKD run)")
+    g.add_argument("--image", required=True, help="an image file")
+    g.add_argument("--question", default=None, help="a question about the image (default: caption it)")
+    g.add_argument("--teacher", default=None, help="the teacher's hub id or directory if it moved (same weights)")
+    g.add_argument("--num-beams", type=int, default=None, help="beam search width (default: the recipe's)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="longest output (default: the recipe's)")
 
     i = sub.add_parser("info", help="list registered teachers, students, losses, recipes and datasets")
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -245,15 +357,21 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not (args.command == "fit" or (args.command == "cache" and args.recipe)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if args.command in ("quickstart", "cache", "eval"):
+        if args.command in ("quickstart", "cache", "eval", "generate"):
             _one_process(args.command)
         if args.command == "fit":
             return _cmd_fit(args, extra)
         if args.command == "cache":
             return _cmd_cache(args, extra)
-        return {"quickstart": _cmd_quickstart, "eval": _cmd_eval, "info": _cmd_info}[args.command](args)
+        commands = {"quickstart": _cmd_quickstart, "eval": _cmd_eval, "info": _cmd_info, "generate": _cmd_generate}
+        return commands[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"vldistill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"vldistill {args.command}: error: {err}", file=sys.stderr)  # names the file (vldistill.files)
         return 2
 
 

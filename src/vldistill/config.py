@@ -132,6 +132,10 @@ class DataConfig:
     """Split for ``hf:`` and bundled evaluation data."""
     image_root: str | None = None
     """Directory that relative image paths in a manifest are resolved against (default: the manifest's)."""
+    image_root_only: bool = False
+    """Refuse (as a bad row: an error, or skipped with ``skip_bad``) any image path that resolves outside the image
+    root (``..``, an absolute path, a symbolic link leading out), for manifests written by others. Off: a manifest may
+    name any image file the user can read, as its paths say."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column mapping for ``hf:`` data, e.g. ``{image: img, caption: text}``."""
     skip_bad: bool = False
@@ -140,10 +144,17 @@ class DataConfig:
     """Use only this many training samples (deterministic subset)."""
     limit_eval: int | None = None
     """Use only this many evaluation samples."""
+    paired: float | None = None
+    """How many training samples keep their image-caption pairing: a count (> 1) or a fraction in (0, 1], drawn with
+    ``data.split.seed``; ``null``: all. Stages with ``samples: paired`` (the default) train on these only; stages
+    with ``samples: all`` also see the other samples' images and captions, as images alone and captions alone (what
+    a real user has for free besides a small captioned set). A no-teacher baseline gets the paired samples only."""
     classnames: dict[str, list[str]] = field(default_factory=dict)
-    """Zero-shot class names per language for non-bundled evaluation data (labels index into them)."""
+    """Zero-shot class names per language for non-bundled evaluation data (labels index into them), e.g.
+    ``{en: [cat, dog], zh: [猫, 狗]}``, or the path of a YAML/JSON file holding that mapping."""
     templates: dict[str, list[str]] = field(default_factory=dict)
-    """Zero-shot prompt templates per language (each with ``{}``); default ``a photo of a {}.``."""
+    """Zero-shot prompt templates per language (each with ``{}``), or the path of a YAML/JSON file holding them;
+    default ``a photo of a {}.`` (English), ``一张{}的照片。`` (Chinese)."""
     task: Literal["pairs", "vqa", "entailment", "multiple_choice"] = "pairs"
     """The kind of samples ``train`` and ``eval`` hold: image-text ``pairs`` (zero-shot classification and retrieval),
     ``vqa``, ``entailment`` or ``multiple_choice`` (task data: see the README's "Data formats"). For task data,
@@ -151,6 +162,11 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     """The training regime, the same for every method compared: ``low_shot`` (a seeded fraction of the training
     items), ``domain_shift`` (``combos`` or ``phrasings`` held out of training and tested on), or both."""
+
+    def __post_init__(self):
+        p = self.paired
+        if p is not None and (isinstance(p, bool) or p <= 0 or (p > 1 and p != int(p))):
+            raise ConfigError(f"paired = {p!r}: give a count of samples (> 1), a fraction in (0, 1], or null for all")
 
 
 @dataclass
@@ -184,6 +200,10 @@ class StageConfig:
     cross-modal encoder (a name the student does not have is an error listing the ones it has)."""
     lr: float | None = None
     """Peak learning rate of this stage (default: ``train.lr``)."""
+    samples: Literal["paired", "all"] = "paired"
+    """Which training samples the stage draws: ``paired``, the samples whose image-caption pairing the run may use
+    (``data.paired``); ``all``, every training sample, as images alone and captions alone: only losses that never
+    compare an image with a text may then be used (``fd``, ``mfd``, ``xling``), which is checked before training."""
 
     def __post_init__(self):
         if self.steps < 1:
@@ -230,6 +250,11 @@ class TrainConfig:
     """Show a progress bar."""
     tensorboard: bool = True
     """Also log to TensorBoard (``OUTPUT_DIR/tb``)."""
+    threads: int | None = None
+    """CPU threads per process for training (``torch.set_num_threads``); ``null``: torch's default, which is
+    ``OMP_NUM_THREADS`` when set, else every core. On a machine shared with another busy process set it to 1 (or
+    ``OMP_NUM_THREADS=1``): two processes that each spin on every core can run several times slower. Data-loading
+    worker processes: ``VLDISTILL_WORKERS`` (default 0: the small bundled images decode fastest in-process)."""
 
     def __post_init__(self):
         for key, least in (("batch_size", 1), ("grad_accum", 1), ("log_every", 1), ("keep_checkpoints", 1)):
@@ -240,6 +265,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} = {getattr(self, key)}: must be at least 0")
         if self.lr <= 0:
             raise ConfigError(f"lr = {self.lr}: must be positive")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads = {self.threads}: must be at least 1 (or null for torch's default)")
 
 
 @dataclass
@@ -280,6 +307,38 @@ class CacheConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How a seq2seq student answers and captions by generation (VLKD's zero-shot evaluation); every setting is
+    printed and saved with the results. Templates are [uncertain] in ``METHODS.md``: these are its defaults."""
+
+    vqa_template: str = "Question: {question} Answer: {mask}"
+    """The encoder prompt of a VQA question, after the image prefix; ``{mask}`` is the LM's mask token."""
+    caption_template: str = "A picture of {mask}"
+    """The encoder prompt of a caption, after the image prefix."""
+    num_beams: int = 1
+    """1: greedy decoding; more: beam search with that many beams."""
+    max_new_tokens: int = 32
+    """The longest generated text (a BART-style LM writes the whole prompt back with the mask filled in)."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating n-grams of this size; 0: off. Given explicitly, so that a checkpoint's own generation
+    defaults (``facebook/bart-base`` ships ``no_repeat_ngram_size: 3``) never apply unseen."""
+    batch_size: int = 64
+    """Images per generation call."""
+
+    def __post_init__(self):
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError(f"no_repeat_ngram_size = {self.no_repeat_ngram_size}: must be at least 0 (0: off)")
+        for key, least in (("num_beams", 1), ("max_new_tokens", 1), ("batch_size", 1)):
+            if getattr(self, key) < least:
+                raise ConfigError(f"{key} = {getattr(self, key)}: must be at least {least}")
+        for key in ("vqa_template", "caption_template"):
+            if getattr(self, key).count("{mask}") != 1:
+                raise ConfigError(f"{key} = {getattr(self, key)!r}: must contain {{mask}} once")
+        if "{question}" not in self.vqa_template:
+            raise ConfigError(f"vqa_template = {self.vqa_template!r}: must contain {{question}}")
+
+
+@dataclass
 class EvalConfig:
     """What to evaluate after training."""
 
@@ -287,6 +346,44 @@ class EvalConfig:
     """Languages for zero-shot classification and retrieval."""
     batch_size: int = 128
     """Evaluation batch size."""
+    vqa: str | None = None
+    """Seq2seq students (VLKD): VQA data answered zero-shot by generation (``bundled:easyvqa-vqa``, a ``.jsonl``
+    manifest, ``hf:NAME``; split ``data.eval_split``, at most ``data.limit_eval`` questions); ``null``: none. The
+    captions of ``data.eval`` are always generated and scored (BLEU-4, CIDEr-D)."""
+    text_skill: bool = True
+    """Seq2seq students: also score the LM on text alone (denoising the evaluation captions, no image) before and
+    after training, side by side."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Seq2seq students: prompts and decoding of the zero-shot VQA and captioning."""
+
+
+@dataclass
+class AdaptConfig:
+    """MAD's first stage: the teacher fine-tuned on the task's training split before it is distilled
+    (``vldistill.train.mad``). The teacher trains as a dual-encoder student (``clip`` loss) on (image, query + right
+    answer) pairs: VQA ``qa``, entailment the entailed hypotheses only, multiple choice question + right candidate."""
+
+    steps: int = 100
+    """Optimiser steps of the adaptation."""
+    batch_size: int = 64
+    """Pairs per step (in-batch negatives of the contrastive loss)."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW, warm-up then cosine); real CLIP checkpoints want about 1e-5."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    trainable: list[str] = field(default_factory=lambda: ["image", "text"])
+    """The teacher's parameter groups that adapt (``image``, ``text``, ``scale``)."""
+    output_dir: str | None = None
+    """Where the adapted teacher is saved as a Hugging Face model; default ``TRAIN.OUTPUT_DIR/adapted-teacher``."""
+
+    def __post_init__(self):
+        for key, least in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0)):
+            if getattr(self, key) < least:
+                raise ConfigError(f"{key} = {getattr(self, key)}: must be at least {least}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr = {self.lr}: must be positive")
+        if not self.trainable:
+            raise ConfigError("trainable = []: give at least one parameter group of the teacher, e.g. image, text")
 
 
 @dataclass
@@ -295,6 +392,9 @@ class RecipeConfig:
 
     name: str = "recipe"
     """Name of the experiment."""
+    role: Literal["student", "teacher"] = "student"
+    """What the run trains: a ``student`` (exported to ``OUTPUT_DIR/student``, scored as ``student``) or a
+    ``teacher`` (``OUTPUT_DIR/teacher``; e.g. ``reference-teacher``, a CLIP trained from scratch to distil from)."""
     teachers: list[TeacherConfig] = field(default_factory=list)
     """Frozen teachers; empty for training without distillation."""
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -306,8 +406,16 @@ class RecipeConfig:
     """Overrides (dotted keys) applied by ``--tiny``: a version of the recipe that runs in seconds."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Teacher-output cache settings (building, and what a run with ``teacher.source: cache`` expects)."""
+    adapt: AdaptConfig | None = None
+    """MAD: adapt the (first) teacher to the task's training split first, then run the stages with the adapted
+    teacher; ``null`` (default) distils the teacher as it is."""
 
     def __post_init__(self):
+        if self.adapt is not None and (not self.teachers or self.teachers[0].source == "cache"):
+            raise ConfigError(
+                "adapt: MAD adapts the recipe's first teacher and distils the adapted one, so it needs a live teacher "
+                "(teacher.source: live); a cache holds the unadapted teacher's outputs"
+            )
         sources = {t.source for t in self.teachers}
         if len(sources) > 1:
             k = next(i for i, t in enumerate(self.teachers) if t.source != self.teachers[0].source)
@@ -351,6 +459,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1 and dataclasses.is_dataclass(real[0]):  # an optional section: its own error names the key
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -437,8 +548,31 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
-def _load_yaml(stream: Any) -> Any:
-    return yaml.load(stream, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+def _load_yaml(stream: Any, where: str | None = None) -> Any:
+    """Parse YAML (safely: a SafeLoader subclass builds no arbitrary objects). A syntax error, a character YAML does
+    not allow or bytes that are not UTF-8 become one :class:`ConfigError` line naming ``where`` (default: the file),
+    the line and the column."""
+    where = where or getattr(stream, "name", None) or "YAML"
+    try:
+        return yaml.load(stream, Loader=_YamlLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context = err.context or ""
+        if err.context and err.context_mark is not None and err.problem:
+            context = f"{err.context} that starts at line {err.context_mark.line + 1}"
+        problem = "; ".join(p for p in (err.problem, context) if p)
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
+    except yaml.reader.ReaderError as err:
+        raise ConfigError(
+            f"{where}: not YAML text: character #x{err.character:04x} at byte {err.position} ({err.reason}; a recipe "
+            f"is a YAML text file)"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{where}: not YAML text: byte 0x{err.object[err.start]:02x} at offset {err.start} is not UTF-8 (a recipe "
+            f"is a YAML text file)"
+        ) from None
 
 
 def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
@@ -456,7 +590,23 @@ def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
         losses = stage.get("losses")
         if isinstance(losses, list):
             stage["losses"] = [_split_loss(term, f"stages.{i}.losses.{j}") for j, term in enumerate(losses)]
+    data = raw.get("data")
+    for key in ("classnames", "templates"):
+        if isinstance(data, dict) and isinstance(data.get(key), str):  # the path of a YAML/JSON file holding it
+            data[key] = _per_language_file(f"data.{key}", data[key])
     return raw
+
+
+def _per_language_file(key: str, path: str) -> Any:
+    """``data.classnames`` / ``data.templates`` given as a file: a YAML (or JSON) mapping language -> list."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{key} = {path!r}: expected a mapping of language -> list, or the path of a YAML file")
+    with open(file, encoding="utf-8") as f:
+        value = _load_yaml(f)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} = {path!r}: the file must hold a mapping of language -> list, e.g. {{en: [a, b]}}")
+    return value
 
 
 def _split_loss(term: Any, key: str) -> dict[str, Any]:
@@ -486,7 +636,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg!r} has no value")
             key, text = arg[2:], args[i + 1]
             i += 2
-        out[key] = _load_yaml(text)
+        out[key] = _load_yaml(text, f"override --{key} {text!r}")
     return out
 
 
@@ -554,6 +704,13 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
         return path
+    if str(name_or_path) not in RECIPES.names() and (path.exists() or path.suffix):
+        what = "a directory" if path.is_dir() else f"a {path.suffix!r} file" if path.suffix else "a file"
+        what = what if path.exists() else "no such file"
+        raise ConfigError(
+            f"recipe {str(name_or_path)!r}: expected a YAML file ending in .yaml or .yml, or a registered recipe name "
+            f"(vldistill info lists them); got {what}"
+        )
     if not RECIPES.names():
         raise ConfigError(
             f"unknown recipe {str(name_or_path)!r}: no recipes were found in {RECIPE_DIR} (is vldistill "

@@ -23,6 +23,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTraine
 
 from .config import ConfigError
 from .dist import process_shard
+from .files import follow_umask
 from .outputs import Embeddings, ModelDims
 from .registry import Registry
 
@@ -43,6 +44,107 @@ def tokenize_texts(tokenizer, model_type: str, max_length: int, texts: Sequence[
     if mask is None:
         mask = torch.ones_like(enc["input_ids"])
     return {"input_ids": enc["input_ids"], "attention_mask": mask}
+
+
+class ModelLoadError(OSError, ValueError):
+    """A model that cannot be loaded: a directory without weights, a damaged weights file, weights holding NaN or
+    inf, or a hub id that cannot be fetched. The message names the file or the id and the problem."""
+
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def looks_like_path(name_or_path: str) -> bool:
+    """Whether a model reference is meant as a local path, not a hub id (``org/name`` or ``name``): it starts with
+    ``/``, ``./``, ``../`` or ``~``, has a backslash, two or more ``/``, or ends with ``/``."""
+    text = str(name_or_path)
+    return (
+        text.startswith(("/", "./", "../", "~", ".\\"))
+        or text in (".", "..")
+        or "\\" in text
+        or text.count("/") >= 2
+        or text.endswith("/")
+        or bool(Path(text).anchor)
+    )
+
+
+def check_model_source(name_or_path: str) -> bool:
+    """Check a model reference before ``transformers`` reads it; ``True`` when it is a local directory.
+
+    A local directory must hold weights, and each safetensors file in it must have a readable header that covers the
+    file (a truncated or overwritten file fails here, named). A path that does not exist is an error, never a hub id.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{name_or_path}: expected a model directory (config.json, weights, ...), got a file")
+        weights = sorted(f for pattern in _WEIGHT_FILES for f in path.glob(pattern))
+        if not weights:
+            present = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+            raise ModelLoadError(
+                f"{path}: no weights file (model.safetensors) in this model directory; it holds {present}"
+            )
+        for file in weights:
+            if file.suffix == ".safetensors":
+                _check_safetensors(file)
+        return True
+    if looks_like_path(str(name_or_path)):
+        raise FileNotFoundError(f"model directory {str(name_or_path)!r} does not exist (a path is never a hub id)")
+    return False
+
+
+def _check_safetensors(file: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # SafetensorError (not an OSError): header unreadable or not covering the file
+        size = file.stat().st_size
+        raise ModelLoadError(f"{file} is damaged ({size} bytes; {err}): restore or re-export it") from None
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return bool(constants.HF_HUB_OFFLINE) or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+@contextmanager
+def _naming_failures(name_or_path: str, local: bool):
+    """Turn ``transformers``' loading errors into one that names the file or hub id and what went wrong."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as err:
+        if local:
+            if type(err).__name__ == "SafetensorError":
+                raise ModelLoadError(f"{name_or_path}: a weights file is damaged ({err})") from err
+            raise
+        if not isinstance(err, OSError):
+            raise
+        text = str(err)
+        if _offline() or "couldn't connect" in text.lower() or "offline" in text.lower():
+            why = "HF_HUB_OFFLINE is set" if _offline() else "the hub could not be reached"
+            raise ModelLoadError(
+                f"{name_or_path!r} is not a local directory, and it is a hub id that is not in the local hub cache "
+                f"while this machine is offline ({why}): download it on a connected machine or give its local "
+                f"directory"
+            ) from None
+        msg = f"{name_or_path!r} is not a local directory, and the hub could not give it: {text}"
+        raise ModelLoadError(msg) from err
+
+
+def check_finite_weights(model: nn.Module, name_or_path: str) -> None:
+    """Weights that hold NaN or inf (a damaged file with an intact header) are refused, naming the tensors."""
+    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise ModelLoadError(
+            f"{name_or_path}: its weights hold NaN or inf in {len(bad)} tensors (e.g. {', '.join(bad[:3])}): the "
+            f"weights file is damaged"
+        )
 
 
 class DualEncoder(nn.Module):
@@ -80,14 +182,24 @@ class DualEncoder(nn.Module):
         trust_remote_code: bool = False,
         dtype: torch.dtype | None = None,
     ) -> DualEncoder:
-        """Load a model, its tokenizer and its image processor from a hub id or a local directory."""
+        """Load a model, its tokenizer and its image processor from a hub id or a local directory.
+
+        Raises:
+            FileNotFoundError: a path (absolute, relative with ``./``, ``../`` or several parts, ``~``) that does
+                not exist: it is not looked up on the hub.
+            ModelLoadError: a directory without weights or with a damaged safetensors file, weights holding NaN or
+                inf, or a hub id that is not cached while the machine is offline; the message names the file or id.
+        """
         kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
         path = str(name_or_path)
-        if not Path(path).exists() and Path(path).anchor:  # absolute path that does not exist: say so plainly
-            raise FileNotFoundError(f"model directory {path!r} does not exist")
-        model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        local = check_model_source(path)
+        path = str(Path(path).expanduser()) if local else path  # transformers does not expand ~
+        with _naming_failures(path, local):
+            model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        files = [str(f) for pattern in _WEIGHT_FILES for f in sorted(Path(path).glob(pattern))]
+        check_finite_weights(model, ", ".join(files) if local else path)
         return cls(model, tokenizer, image_processor)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -97,6 +209,8 @@ class DualEncoder(nn.Module):
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+        for weights in directory.glob("*.safetensors"):  # safetensors writes mode 0600 whatever the umask
+            follow_umask(weights)
 
     # ------------------------------------------------------------------------------- the student-kind contract
     kind = "dual_encoder"
@@ -304,7 +418,8 @@ def encode_batch(
     checkpoints save, so a resumed run draws the same masks.
     """
     out = Embeddings(logit_scale=model.logit_scale())
-    image = model.encode_image(inputs["pixel_values"], return_tokens="image_tokens" in needs)
+    tokens = bool({"image_tokens", "teacher_image_tokens"} & needs)  # the latter: a seq2seq student's token prefix
+    image = model.encode_image(inputs["pixel_values"], return_tokens=tokens)
     out.image, out.image_tokens = image if isinstance(image, tuple) else (image, None)
     if "masked_image" in needs and not isinstance(model, Teacher):
         if mask_ratio is None:

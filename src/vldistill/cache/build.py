@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,14 @@ from .identity import (
     CacheError,
     find_teacher,
     first_difference,
+    identity_difference,
     read_manifest,
     short,
     teacher_identity,
     write_json,
 )
 from .views import augmentation_settings, view_params
-from .writer import auto_shard_rows, run_build, summary
+from .writer import auto_shard_rows, damaged_shards, run_build, summary
 
 
 def build_cache(
@@ -44,13 +46,17 @@ def build_cache(
     rebuild: bool = False,
     progress: bool = True,
     pad_bytes: int = 0,
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Run ``teachers`` once over ``dataset`` and write their outputs to a cache in ``directory``.
 
-    A complete cache of the same data and settings is reused as it is when it holds every teacher (in any order); the
-    teachers it lacks are added to it (only they run; each shard is rewritten with their columns). An interrupted
-    build or addition is resumed from its last complete shard. A cache of other data or settings is refused.
-    ``rebuild=True`` replaces a cache that differs in anything, teachers included, with one of exactly ``teachers``.
+    A complete cache of the same data and settings is reused when it holds every teacher (in any order); the
+    teachers it lacks are added to it (only they run; each shard is rewritten with their columns). Every shard it
+    would reuse is checked first (size and SHA-256 against the manifest): damaged ones are recomputed (which runs
+    every teacher the cache holds, so they must all be given). An interrupted build or addition is resumed from its
+    last complete shard. A cache of other data or settings is refused, unless ``replace`` (then it is replaced, and a
+    matching one is still reused). ``rebuild=True`` builds the cache anew whatever it holds, with exactly
+    ``teachers``.
 
     Args:
         directory: the cache directory (created).
@@ -62,12 +68,14 @@ def build_cache(
             :func:`~vldistill.cache.dataset_fields`).
         identities: per teacher, :func:`teacher_identity` (default: computed from ``teachers``).
         options: dtype, token features, views, batch size, workers, shard size.
-        rebuild: replace an existing cache built from other teachers, data or settings.
+        rebuild: build anew, deleting what the directory's cache holds (``vldistill cache --rebuild``).
         progress: show a progress bar (samples per second).
         pad_bytes: benchmarks only: this many extra bytes per row (a ``pad`` tensor no run reads).
+        replace: replace a cache built from other teachers, data or settings; reuse (and repair) a matching one.
 
     Returns:
-        A summary: directory, rows, shards, bytes, rows built by this call, seconds and samples per second.
+        A summary: directory, rows, shards, bytes, rows built by this call, seconds and samples per second; with
+        ``repaired``, the shards this call recomputed and why.
     """
     options = options or CacheConfig()
     directory = Path(directory)
@@ -80,29 +88,41 @@ def build_cache(
     try:
         manifest = read_manifest(directory)
     except CacheError:
-        if not rebuild:
+        if not (rebuild or replace):
             raise
         manifest = {}  # unreadable (another format): replaced below
-    if manifest and rebuild and "extending" in manifest:  # an interrupted addition: replaced, never half-reused
+    if manifest is not None and rebuild:  # anew, whatever it holds
         _clear(directory)
         manifest = None
-    if manifest and not rebuild and (manifest.get("complete") or "extending" in manifest):
+    if manifest and replace and "extending" in manifest:  # an interrupted addition: replaced, never half-reused
+        _clear(directory)
+        manifest = None
+    if manifest and (manifest.get("complete") or "extending" in manifest):
         added = add_teachers(directory, manifest, header, teachers, dataset, digests, options)
-        if added is not None and not callable(added):  # the same data and settings, every teacher cached: reuse
-            return added
-        if added is not None:  # the same data and settings: add the teachers it lacks
+        if added is not None:  # the same data and settings: check (and repair) every shard it would reuse
+            start = time.perf_counter()
+            repaired = _repair(
+                directory, manifest, header, teachers, dataset, digests, digest_fields, options, progress
+            )
+        if added is not None and not callable(added):  # every teacher cached: reuse
+            built = sum(manifest["shards"][i]["rows"] for i, _ in repaired)
+            done = summary(directory, manifest, built, time.perf_counter() - start)
+            return {**done, "repaired": [why for _, why in repaired]} if repaired else done
+        if added is not None:  # add the teachers it lacks
             done = added(progress)
             held = read_manifest(directory)["teachers"]
             if all(find_teacher(held, e, e["fields"]) is not None for e in header["teachers"]):
                 return done
             # that finished an interrupted addition; now add the rest
-            return build_cache(directory, teachers, dataset, fields, identities, options, False, progress, pad_bytes)
+            return build_cache(
+                directory, teachers, dataset, fields, identities, options, False, progress, pad_bytes, replace
+            )
     if manifest is not None:
         order = [k for k in header if k != "teachers"] + ["teachers"]  # name data and settings before teachers
         diff = first_difference({k: manifest.get(k) for k in order}, {k: header[k] for k in order})
         if options.shard_rows is not None and diff is None and options.shard_rows != manifest["shard_rows"]:
             diff = ("shard_rows", manifest["shard_rows"], options.shard_rows)
-        if diff is not None and not rebuild:
+        if diff is not None and not replace:
             field, old, new = diff
             raise CacheError(
                 f"{directory} holds a cache built with other settings ({field}: {short(old)} there, {short(new)} "
@@ -167,11 +187,38 @@ def _header(teachers, fields, identities, dataset, digests, digest_fields, optio
 
 
 def _valid_prefix(directory: Path, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The listed shards up to the first one that is missing or has the wrong size."""
-    kept = []
-    for shard in shards:
-        path = directory / shard["file"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
-            break
-        kept.append(shard)
-    return kept
+    """The listed shards up to the first one that is missing, has the wrong size or the wrong checksum."""
+    damaged = [i for i, _ in damaged_shards(directory, shards)]
+    return shards[: min(damaged, default=len(shards))]
+
+
+def _repair(directory, manifest, header, teachers, dataset, digests, digest_fields, options, progress):
+    """Recompute the damaged shards of a complete cache of the same data and settings; returns ``(index, why)``
+    per recomputed shard. Every teacher the cache holds runs again on those rows, so every one must be given."""
+    damaged = damaged_shards(directory, manifest["shards"])
+    if not damaged:
+        return []
+    what = "; ".join(why for _, why in damaged)
+    if "extending" in manifest:
+        raise CacheError(
+            f"{directory}: damaged shards ({what}) while teachers were being added; rebuild the cache (--rebuild)"
+        )
+    held = manifest["teachers"]
+    order = [
+        next((j for j, e in enumerate(header["teachers"]) if identity_difference(h, e) is None), None) for h in held
+    ]
+    if None in order:
+        missing = [h["id"] for h, j in zip(held, order, strict=True) if j is None]
+        raise CacheError(
+            f"{directory}: damaged shards ({what}); recomputing them runs every teacher the cache holds, and "
+            f"{missing} are not among the teachers given: give them all to `vldistill cache`, or rebuild it (--rebuild)"
+        )
+    known = manifest["dataset"]["fields"]  # the row digests (and so the views) are of the fields it was built with
+    row_keys = digests if list(known) == list(digest_fields) else dataset_digests(dataset, known)
+    views = view_params(row_keys, manifest["augmentation"])
+    chosen, fields = [teachers[j] for j in order], [h["fields"] for h in held]
+    for _, why in damaged:
+        print(f"cache: recomputing {why}", flush=True)
+    indices = [i for i, _ in damaged]
+    run_build(directory, chosen, dataset, fields, row_keys, views, manifest, options, progress, shards=indices)
+    return damaged

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files import write_text
 from ..models import DualEncoder
 
 FORMAT = "vldistill-teacher-cache"
@@ -167,9 +168,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, then rename): a reader never sees half a manifest."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=1))  # atomic; a full disk names the file
 
 
 def first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:

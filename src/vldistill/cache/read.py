@@ -25,7 +25,7 @@ from ..outputs import Embeddings, ModelDims
 from .fingerprint import dataset_digests, fields_key, fingerprint
 from .identity import MANIFEST, CacheError, find_teacher, first_difference, identity_difference, read_manifest, short
 from .views import ViewTable, augmentation_settings
-from .writer import DTYPES
+from .writer import DTYPES, damaged_shards
 
 RELEASE_BYTES = 256 << 20
 """Mapped cache pages are released (``madvise(MADV_DONTNEED)``) after this many bytes were read."""
@@ -122,6 +122,13 @@ class CachedTeachers:
             raise CacheError(
                 f"dtype (recipe: cache.dtype): the cache stores {manifest['dtype']}, the run asks for {options.dtype}"
             )
+        damaged = damaged_shards(self.directory, manifest["shards"])  # at opening, before any training: see below
+        if damaged:
+            raise CacheError(
+                f"the teacher cache at {self.directory} is damaged ({'; '.join(why for _, why in damaged)}); run "
+                f"`vldistill cache` with the same recipe or arguments to recompute those shards, or rebuild it "
+                f"(--rebuild)"
+            )
         self._read = 0
         entries = [manifest["teachers"][k] for k in self._columns]
         self.dims = tuple(ModelDims(**t["dims"]) for t in entries)
@@ -158,12 +165,21 @@ class CachedTeachers:
             )
         return np.array([loc[0] for loc in found]), np.array([loc[1] for loc in found])
 
+    def where(self, index: Tensor, teacher: int = 0) -> str:
+        """The shard files and rows that hold the cached outputs of dataset rows ``index`` (for error messages)."""
+        rows = index.cpu().numpy()
+        shard, offset = self._shard[rows], self._offset[rows]
+        files = self.manifest["shards"]
+        found = [f"{files[s]['file']} row {o}" for s, o in zip(shard.tolist(), offset.tolist(), strict=True)]
+        more = f" and {len(found) - 4} more" if len(found) > 4 else ""
+        return f"cache {self.directory}, column t{self._columns[teacher]}: {', '.join(found[:4])}{more}"
+
     def _view_table(self) -> ViewTable:
         return ViewTable(self._gather("views", np.arange(len(self._shard)), None))
 
     def check_needs(self, needs: frozenset[str], where: str = "") -> None:
         """Fail before training when a loss needs token features the cache does not have."""
-        wanted = sorted(needs & {"image_tokens", "text_tokens"})
+        wanted = sorted(needs & {"image_tokens", "text_tokens", "teacher_image_tokens"})
         if wanted and not self.manifest["tokens"]:
             raise CacheError(
                 f"{where + ': ' if where else ''}a loss needs {wanted}, but the teacher cache at {self.directory} "
@@ -184,7 +200,7 @@ class CachedTeachers:
             scale = entry["logit_scale"]
             out = Embeddings(logit_scale=None if scale is None else torch.tensor(scale, dtype=dtype, device=device))
             out.image = self._get(f"t{k}.image", rows, views, device, dtype)
-            if "image_tokens" in needs:
+            if needs & {"image_tokens", "teacher_image_tokens"}:  # the latter: a seq2seq student's token prefix
                 out.image_tokens = self._get(f"t{k}.image_tokens", rows, views, device, dtype)
             for name in names:
                 out.text[name] = self._get(f"t{k}.text.{name}", rows, None, device, dtype)

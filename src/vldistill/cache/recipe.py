@@ -52,7 +52,7 @@ def recipe_identities(cfg: RecipeConfig, teachers: Sequence[Teacher] | None = No
 def recipe_needs_tokens(cfg: RecipeConfig, dims: Sequence[ModelDims]) -> bool:
     """Whether any loss of the recipe reads token features."""
     needs = frozenset().union(*(n for i, s in enumerate(cfg.stages) for _, n in stage_needs(s, i)))
-    return bool(needs & {"image_tokens", "text_tokens"})
+    return bool(needs & {"image_tokens", "text_tokens", "teacher_image_tokens"})
 
 
 def build_recipe_cache(
@@ -63,8 +63,10 @@ def build_recipe_cache(
     rebuild: bool = False,
     progress: bool | None = None,
     pad_bytes: int = 0,
+    replace: bool = False,
 ) -> dict[str, Any]:
-    """Build (or resume, or reuse) the cache of a recipe's teachers on its training data."""
+    """Build (or resume, or reuse and repair) the cache of a recipe's teachers on its training data; ``rebuild``
+    and ``replace`` as in :func:`~vldistill.cache.build_cache`."""
     if len(teachers) != len(cfg.teachers):
         raise ConfigError(f"teachers: the recipe has {len(cfg.teachers)}, {len(teachers)} were given")
     options = cfg.cache
@@ -80,6 +82,7 @@ def build_recipe_cache(
         rebuild=rebuild,
         progress=cfg.train.progress if progress is None else progress,
         pad_bytes=pad_bytes,
+        replace=replace,
     )
 
 

@@ -1,8 +1,10 @@
 """Running teachers over the rows of a cache and writing their outputs, shard by shard.
 
 A shard is one safetensors file written once (temporary name, then ``os.replace``) and listed in the manifest only
-when it is whole, so a killed build leaves whole shards and a manifest listing them. Adding a teacher rewrites each
-shard with its columns appended, the same way.
+when it is whole, with its size and SHA-256 (computed from the bytes written, never read back), so a killed build
+leaves whole shards and a manifest listing them, and a shard damaged later is found (:func:`damaged_shards`). Adding a
+teacher rewrites each shard with its columns appended, the same way; recomputing damaged shards rewrites just those.
+A teacher output that is not finite (NaN or inf) stops the build, naming the teacher and the rows.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..batching import teacher_texts
 from ..config import CacheConfig
+from ..files import file_sha256, save_safetensors
 from ..models import DualEncoder, DualEncoderProcessor, encode_batch
 from ..outputs import Embeddings
-from .identity import FORMAT, MANIFEST, write_json
+from .identity import FORMAT, MANIFEST, CacheError, write_json
 from .views import apply_view
 
 SHARD_BYTES = 256 << 20
@@ -84,15 +87,26 @@ def auto_shard_rows(teachers, dataset, header, fields, views) -> int:
 
 
 def run_build(
-    directory, teachers, dataset, fields, digests, views, manifest, options, progress, column: int | None = None
+    directory,
+    teachers,
+    dataset,
+    fields,
+    digests,
+    views,
+    manifest,
+    options,
+    progress,
+    column: int | None = None,
+    shards: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Compute ``teachers`` over the shards not yet written and write them. With ``column`` (adding teachers to a
     complete cache, ``manifest["extending"]``) their outputs go to columns ``t{column}``, ``t{column + 1}``, ...
-    of the existing shards instead."""
+    of the existing shards instead. With ``shards``, those shards (damaged ones) are computed again and replaced."""
     n, per_shard, bs = len(digests), manifest["shard_rows"], options.batch_size
     adding = column is not None
     first = manifest["extending"]["shards_done"] if adding else len(manifest["shards"])
-    bounds = [(s, min(s + per_shard, n)) for s in range(first * per_shard, n, per_shard)]
+    indices = list(shards) if shards is not None else list(range(first, -(-n // per_shard)))
+    bounds = [(i * per_shard, min((i + 1) * per_shard, n)) for i in indices]
     batches = [list(range(a, min(a + bs, end))) for start, end in bounds for a in range(start, end, bs)]
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -104,22 +118,24 @@ def run_build(
         generator=torch.Generator(),  # leaves the global RNG (and so a later run's initialisation) alone
     )
     asked, dtype = needs(options), DTYPES[manifest["dtype"]]
-    bar = tqdm(
-        total=n, initial=first * per_shard, unit="sample", desc="cache", disable=not progress, dynamic_ncols=True
-    )
+    todo = sum(end - start for start, end in bounds)
+    bar = tqdm(total=n, initial=n - todo, unit="sample", desc="cache", disable=not progress, dynamic_ncols=True)
     start_time, built = time.perf_counter(), 0
     pending = None
-    shard_index, buffers, filled = first, {}, 0
+    position, buffers, filled = 0, {}, 0
     with ThreadPoolExecutor(1) as writer:  # the next shard is computed while the last one is written
         for batch in loader:
             rows = len(batch["index"])
             for k, (teacher, inputs) in enumerate(zip(teachers, batch["teachers"], strict=True)):
                 out = encode_batch(teacher, inputs, asked)
-                _collect(buffers, (column or 0) + k, out, manifest["teachers"][(column or 0) + k], rows, dtype)
+                entry = manifest["teachers"][(column or 0) + k]
+                _check_finite(out, entry, batch["index"])
+                _collect(buffers, (column or 0) + k, out, entry, rows, dtype)
             filled += rows
             built += rows
             bar.update(rows)
-            start, end = bounds[shard_index - first]
+            shard_index = indices[position]
+            start, end = bounds[position]
             if filled == end - start:
                 tensors = {name: torch.cat(parts) for name, parts in buffers.items()}
                 tensors["row_key"] = torch.from_numpy(digests[start:end].copy())
@@ -133,7 +149,7 @@ def run_build(
                     if manifest["pad_bytes"]:
                         tensors["pad"] = torch.zeros(end - start, manifest["pad_bytes"], dtype=torch.uint8)
                     pending = writer.submit(_write_shard, directory, manifest, shard_index, start, tensors)
-                shard_index, buffers, filled = shard_index + 1, {}, 0
+                position, buffers, filled = position + 1, {}, 0
         if pending is not None:
             pending.result()
     bar.close()
@@ -163,13 +179,34 @@ def _collect(buffers: dict[str, list[Tensor]], k: int, out: Embeddings, entry, r
             buffers.setdefault(f"t{k}.text_mask.{name}", []).append(mask.to("cpu", torch.uint8))
 
 
+def _check_finite(out: Embeddings, entry: dict[str, Any], index: Tensor) -> None:
+    """A teacher output with a NaN or an infinity is never cached: it would train every student on NaN."""
+    named = [("image", out.image), ("image_tokens", out.image_tokens)]
+    named += [(f"text.{k}", v) for k, v in out.text.items()]
+    named += [(f"text_tokens.{k}", v) for k, v in out.text_tokens.items()]
+    for name, value in named:
+        if value is None:
+            continue
+        finite = torch.isfinite(value.detach()).reshape(value.shape[0], -1).all(dim=1).cpu()
+        if not bool(finite.all()):
+            rows = index[~finite[: len(index)]] if len(finite) == len(index) else index
+            raise CacheError(
+                f"teacher {entry['id']!r} gave non-finite values (NaN or inf) in its {name} output for rows "
+                f"{rows[:5].tolist()}{' ...' if len(rows) > 5 else ''}: its weights are damaged; nothing was cached "
+                f"for these rows"
+            )
+
+
 def _write_shard(directory: Path, manifest: dict[str, Any], index: int, start: int, tensors: dict[str, Tensor]):
     name = f"shard-{index:05d}.safetensors"
     tmp = directory / f".{name}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, directory / name)
+    digest = save_safetensors(tensors, directory / name, metadata={"format": FORMAT}, tmp=tmp)
     rows = len(tensors["row_key"])
-    manifest["shards"].append({"file": name, "start": start, "rows": rows, "bytes": (directory / name).stat().st_size})
+    entry = {"file": name, "start": start, "rows": rows, "bytes": (directory / name).stat().st_size, "sha256": digest}
+    if index < len(manifest["shards"]):  # a damaged shard, recomputed
+        manifest["shards"][index] = entry
+    else:
+        manifest["shards"].append(entry)
     write_json(directory / MANIFEST, manifest)  # the shard is listed only once it is whole
 
 
@@ -179,11 +216,33 @@ def _add_columns(directory: Path, manifest: dict[str, Any], index: int, tensors:
     path = directory / shard["file"]
     columns = {**load_file(str(path)), **tensors}
     tmp = directory / f".{shard['file']}.tmp"
-    save_file({k: v.contiguous() for k, v in columns.items()}, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, path)
+    shard["sha256"] = save_safetensors(columns, path, metadata={"format": FORMAT}, tmp=tmp)
     shard["bytes"] = path.stat().st_size
     manifest["extending"]["shards_done"] = index + 1
     write_json(directory / MANIFEST, manifest)
+
+
+def damaged_shards(directory: Path, shards: Sequence[dict[str, Any]]) -> list[tuple[int, str]]:
+    """``(index, what is wrong)`` for each listed shard that is missing, has another size, or whose SHA-256 differs
+    from the manifest's (hashed on a few threads: hashlib releases the GIL). Shards listed without a checksum
+    (caches written before vldistill stored them) are checked by size only."""
+
+    def check(shard: dict[str, Any]) -> str | None:
+        path = Path(directory) / shard["file"]
+        if not path.is_file():
+            return f"{shard['file']}: missing"
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            return f"{shard['file']}: {size} bytes, the manifest says {shard['bytes']}"
+        if shard.get("sha256") and file_sha256(path) != shard["sha256"]:
+            return f"{shard['file']}: its SHA-256 differs from the manifest's (its bytes changed)"
+        return None
+
+    if not shards:
+        return []
+    with ThreadPoolExecutor(min(4, len(shards), os.cpu_count() or 1)) as pool:
+        found = list(pool.map(check, shards))
+    return [(i, why) for i, why in enumerate(found) if why is not None]
 
 
 def read_column(path: Path, name: str) -> np.ndarray:

@@ -15,7 +15,15 @@ from typing import Any
 
 from PIL import Image
 
-from vldistill.data.pairs import _REQUIRED_COLUMNS, DataError, PairDataset, _build_dataset, _parse_row, _Row
+from vldistill.data.pairs import (
+    _REQUIRED_COLUMNS,
+    DataError,
+    PairDataset,
+    _build_dataset,
+    _parse_row,
+    _Row,
+    resolve_image,
+)
 
 # Column names tried, in order, when `load_hf_dataset` is given no mapping for a key.
 _HF_DEFAULT_COLUMNS = {
@@ -35,6 +43,7 @@ def load_hf_dataset(
     skip_bad: bool = False,
     preload: bool = False,
     image_root: str | os.PathLike | None = None,
+    image_root_only: bool = False,
     **load_kwargs: Any,
 ) -> PairDataset:
     """Reads image-caption pairs from a Hugging Face dataset.
@@ -62,6 +71,8 @@ def load_hf_dataset(
         preload: keep decoded images in memory.
         image_root: directory that relative image paths are resolved against; default: the directory of
             ``data_files`` when it is one local file, else the saved dataset's directory, else the working directory.
+        image_root_only: refuse (as a bad row) an image path that resolves outside the image root; images stored
+            in the dataset are always accepted.
         **load_kwargs: passed to ``datasets.load_dataset``.
 
     Raises:
@@ -74,7 +85,7 @@ def load_hf_dataset(
     dataset = _undecoded_images(dataset, mapping["image"])
     root = Path(image_root) if image_root is not None else _hf_image_root(name_or_path, load_kwargs)
     table = dataset.select_columns(sorted(set(mapping.values()))).to_dict()
-    rows = _hf_rows(table, mapping, source, root)
+    rows = _hf_rows(table, mapping, source, root, image_root_only)
     return _build_dataset(rows, source, languages, skip_bad, preload)
 
 
@@ -157,7 +168,9 @@ def _undecoded_images(dataset: Any, column: str) -> Any:
     return dataset
 
 
-def _hf_rows(table: Mapping[str, list[Any]], mapping: Mapping[str, str], source: str, root: Path) -> Iterator[_Row]:
+def _hf_rows(
+    table: Mapping[str, list[Any]], mapping: Mapping[str, str], source: str, root: Path, root_only: bool = False
+) -> Iterator[_Row]:
     per_lang = {key.removeprefix("caption_"): col for key, col in mapping.items() if key.startswith("caption_")}
     n_rows = len(table[mapping["image"]])
     for i in range(n_rows):
@@ -165,23 +178,24 @@ def _hf_rows(table: Mapping[str, list[Any]], mapping: Mapping[str, str], source:
         where = f"{source} row {i}"
         if per_lang:
             for lang, col in per_lang.items():
-                yield _hf_row({**record, "lang": lang, "caption": table[col][i]}, where, f"{source}[{i}]", root)
+                record_lang = {**record, "lang": lang, "caption": table[col][i]}
+                yield _hf_row(record_lang, where, f"{source}[{i}]", root, root_only)
         else:
-            yield _hf_row(record, where, f"{source}[{i}]", root)
+            yield _hf_row(record, where, f"{source}[{i}]", root, root_only)
 
 
-def _hf_row(record: Mapping[str, Any], where: str, name: str, root: Path) -> _Row:
+def _hf_row(record: Mapping[str, Any], where: str, name: str, root: Path, root_only: bool = False) -> _Row:
     def locate(row: _Row) -> None:
         key = record.get("id")
         row.key = None if key is None or key == "" else str(key)
-        row.image, row.data = _hf_image(record.get("image"), name, root)
+        row.image, row.data = _hf_image(record.get("image"), name, root, root_only)
         if row.key is None:
             row.key = row.image if row.data is None else f"row:{name}"
 
     return _parse_row(record, where, locate)
 
 
-def _hf_image(value: Any, name: str, root: Path) -> tuple[str, bytes | Image.Image | None]:
+def _hf_image(value: Any, name: str, root: Path, root_only: bool = False) -> tuple[str, bytes | Image.Image | None]:
     """Returns (path or name, in-memory image or None) for a cell of the image column."""
     if isinstance(value, Image.Image):
         return name, value
@@ -190,5 +204,5 @@ def _hf_image(value: Any, name: str, root: Path) -> tuple[str, bytes | Image.Ima
             return name, value["bytes"]
         value = value.get("path")
     if isinstance(value, str | os.PathLike) and str(value).strip():
-        return os.path.abspath(root / Path(value).expanduser()), None
+        return resolve_image(root, str(value), root_only), None
     raise DataError(f"no image (got {type(value).__name__} {value!r:.60})")

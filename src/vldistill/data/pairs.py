@@ -13,6 +13,7 @@ teacher and student never share preprocessing by accident.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -24,8 +25,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 __all__ = ["DataError", "PairDataset", "Sample", "collate_raw", "load_hf_dataset", "load_manifest"]
@@ -67,14 +69,14 @@ class Sample:
 
 
 def decode_image(sample: Sample) -> Image.Image:
-    """Opens and fully decodes the image of a sample as RGB.
+    """Opens and fully decodes the image of a sample as 8-bit RGB (see :func:`to_rgb`).
 
     Raises:
         DataError: the file is missing or cannot be decoded; the message names the image but not the row.
     """
     if isinstance(sample.data, Image.Image):
         try:
-            return sample.data.convert("RGB")
+            return to_rgb(sample.data)
         except _DECODE_ERRORS as err:
             raise DataError(f"image {sample.image!r} cannot be decoded ({type(err).__name__}: {err})") from err
     if sample.data is None and not os.path.isfile(sample.image):
@@ -82,10 +84,53 @@ def decode_image(sample: Sample) -> Image.Image:
     source = io.BytesIO(sample.data) if sample.data is not None else sample.image
     try:
         with Image.open(source) as img:
-            # convert() forces a full decode, so a truncated file fails here and not in the middle of an epoch.
-            return img.convert("RGB")
+            # load() forces a full decode, so a truncated file fails here and not in the middle of an epoch.
+            img.load()
+            return to_rgb(img)
     except _DECODE_ERRORS as err:
         raise DataError(f"image {sample.image!r} cannot be decoded ({type(err).__name__}: {err})") from err
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any mode as the 8-bit RGB image a viewer shows.
+
+    - EXIF orientation is applied (a phone photo stored sideways comes out upright).
+    - High bit depth is scaled, not clipped: 16-bit grey (``I;16*``) by ``v * 255 / 65535``; 32-bit integer grey
+      (``I``) the same when its values fit 16 bits, else from its own minimum and maximum; float grey (``F``) from
+      [0, 1] when its values lie there, else from [0, 255], else from its minimum and maximum. (PIL's
+      ``convert("RGB")`` clips these modes to 0 and 255: a 16-bit gradient would become two values.) 16-bit RGB PNGs
+      are already reduced to 8 bits per channel by PIL's decoder.
+    - Transparency (an alpha band, or a palette or grey image with a transparent colour) is composited onto white,
+      as ``transformers``' ``convert_to_rgb`` does.
+    - CMYK, YCbCr, LAB, palettes and the rest go through PIL's own conversion.
+    """
+    if image.getexif().get(0x0112, 1) != 1:  # ExifTags.Base.Orientation
+        image = ImageOps.exif_transpose(image)
+    if image.mode in (*_SIXTEEN_BIT, "I", "F"):
+        image = Image.fromarray(_to_uint8(np.asarray(image), image.mode), "L")
+    if "A" in image.getbands() or "a" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Grey values of a high-bit-depth mode scaled to 0..255 (see :func:`to_rgb`)."""
+    a = values.astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+    if mode in _SIXTEEN_BIT or (mode == "I" and lo >= 0 and hi <= 65535):
+        low, high = 0.0, 65535.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        low, high = 0.0, 1.0
+    elif mode == "F" and lo >= 0 and hi <= 255:
+        low, high = 0.0, 255.0
+    else:
+        low, high = lo, hi if hi > lo else lo + 1.0
+    return np.clip(np.rint((a - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
 
 
 def _caption_problem(sample: Sample, languages: Sequence[str] | None) -> str | None:
@@ -166,6 +211,7 @@ class PairDataset(Dataset):
         self.source = source
         self.skipped = 0
         self.skipped_reasons: list[str] = []
+        self._rejected: list[int] = []  # the index of each dropped sample, in the order of skipped_reasons
         self.total = len(samples)
         requested = _check_language_list(languages, source)
         kept: list[Sample] = []
@@ -174,6 +220,7 @@ class PairDataset(Dataset):
             problem = _caption_problem(sample, requested) or (str(result) if isinstance(result, DataError) else None)
             if problem is not None:
                 self._reject(f"{self._where(i, sample)}: {problem}", skip_bad)
+                self._rejected.append(i)
                 continue
             kept.append(replace(sample, captions={lang: text.strip() for lang, text in sample.captions.items()}))
             if preload:
@@ -305,6 +352,7 @@ class _Row:
     lang: str = DEFAULT_LANG
     label: int = -1
     problem: str | None = None
+    order: int = -1  # position among the rows read, so that problems are reported in file order
 
 
 def _parse_label(value: Any) -> int:
@@ -338,23 +386,26 @@ def _text_cell(record: Mapping[str, Any], column: str, *, required: bool) -> str
     return value.strip()
 
 
-def _group_rows(rows: Iterable[_Row]) -> tuple[list[Sample], list[tuple[str, int]]]:
+def _group_rows(rows: Iterable[_Row]) -> tuple[list[Sample], list[tuple[str, int, int]], list[int]]:
     """Turns rows into samples: rows sharing a key are one sample with one caption per language.
 
     If a (key, language) pair repeats, the k-th caption of each language goes to the k-th sample of that key. A key
     with any bad row is dropped whole (a sample with half its captions would silently change the languages).
 
     Returns:
-        The samples, and for each dropped unit its reason and how many samples it would have made.
+        The samples; for each dropped unit its reason, how many samples it would have made and the position of the
+        row it names; and for each sample the position of its first row.
     """
     groups: dict[str, list[_Row]] = {}
-    bad: list[tuple[str, int]] = []
-    for row in rows:
+    bad: list[tuple[str, int, int]] = []
+    for order, row in enumerate(rows):
+        row.order = order
         if row.key is None:  # the row is too broken to tell which sample it belongs to
-            bad.append((f"{row.where}: {row.problem}", 1))
+            bad.append((f"{row.where}: {row.problem}", 1, order))
         else:
             groups.setdefault(row.key, []).append(row)
     samples: list[Sample] = []
+    orders: list[int] = []
     for key, members in groups.items():
         _check_group_agrees(key, members)
         per_lang: dict[str, list[_Row]] = {}
@@ -365,14 +416,15 @@ def _group_rows(rows: Iterable[_Row]) -> tuple[list[Sample], list[tuple[str, int
         if broken is not None:
             extra = sum(row.problem is not None for row in members) - 1
             more = f" (and {extra} more bad rows with id {key!r})" if extra else ""
-            bad.append((f"{broken.where}: {broken.problem}{more}", n_samples))
+            bad.append((f"{broken.where}: {broken.problem}{more}", n_samples, broken.order))
             continue
         for k in range(n_samples):
             chosen = [lang_rows[k] for lang_rows in per_lang.values() if k < len(lang_rows)]
             first = chosen[0]
             captions = {row.lang: row.caption for row in chosen}
             samples.append(Sample(first.image, captions, first.label, data=first.data, origin=_origin(chosen)))
-    return samples, bad
+            orders.append(min(row.order for row in chosen))
+    return samples, bad, orders
 
 
 def _origin(rows: list[_Row]) -> str:
@@ -406,17 +458,21 @@ def _build_dataset(
     skip_bad: bool,
     preload: bool,
 ) -> PairDataset:
-    samples, bad = _group_rows(rows)
+    samples, bad, orders = _group_rows(rows)
+    bad.sort(key=lambda unit: unit[2])
     if bad and not skip_bad:
         raise DataError(bad[0][0])
     if not samples:
         first = f" (first: {bad[0][0]})" if bad else ""
         raise DataError(f"{source}: no valid samples{first}")
     dataset = PairDataset(samples, languages=languages, skip_bad=skip_bad, preload=preload, source=source)
-    # Rows dropped while grouping count as skipped too, ahead of those the dataset dropped itself.
-    dataset.skipped += sum(count for _, count in bad)
-    dataset.total += sum(count for _, count in bad)
-    dataset.skipped_reasons[:0] = [reason for reason, _ in bad]
+    # Rows dropped while grouping count as skipped too; every reason is listed in file order, so the summary's
+    # "first" is the first bad row of the file.
+    dataset.skipped += sum(count for _, count, _ in bad)
+    dataset.total += sum(count for _, count, _ in bad)
+    own = [(orders[i], reason) for i, reason in zip(dataset._rejected, dataset.skipped_reasons, strict=True)]
+    merged = sorted([(order, reason) for reason, _, order in bad] + own, key=lambda pair: pair[0])
+    dataset.skipped_reasons = [reason for _, reason in merged]
     return dataset
 
 
@@ -430,6 +486,7 @@ def load_manifest(
     languages: Sequence[str] | None = None,
     skip_bad: bool = False,
     preload: bool = False,
+    image_root_only: bool = False,
 ) -> PairDataset:
     """Reads a JSONL or CSV manifest of image-caption pairs (format chosen by suffix: .jsonl/.ndjson, .csv, .tsv).
 
@@ -445,6 +502,9 @@ def load_manifest(
         languages: languages every sample must have a caption in; None keeps those that every sample has.
         skip_bad: drop bad samples and count them instead of raising.
         preload: keep decoded images in memory.
+        image_root_only: refuse (as a bad row) any image path that resolves outside the image root (``..``, an
+            absolute path, a symbolic link leading out): for manifests written by others. Off by default: a
+            manifest may name any image the user can read.
 
     Raises:
         DataError: the file is missing or malformed, a required column is missing, or (without ``skip_bad``) a row
@@ -465,18 +525,35 @@ def load_manifest(
         if column not in columns:
             found = ", ".join(repr(c) for c in columns) or "none"
             raise DataError(f"{source}: missing required column {column!r}; columns found: {found}")
-    rows = (_manifest_row(record, f"{source} row {lineno}", root) for lineno, record in records)
+    rows = (_manifest_row(record, f"{source} row {lineno}", root, image_root_only) for lineno, record in records)
     return _build_dataset(rows, source, languages, skip_bad, preload)
 
 
-def _manifest_row(record: Mapping[str, Any] | str, where: str, root: Path) -> _Row:
+def resolve_image(root: str | os.PathLike, image: str, root_only: bool = False) -> str:
+    """The absolute path of an image cell: relative to ``root``, ``~`` expanded.
+
+    Raises:
+        DataError: with ``root_only``, the path (symbolic links followed) lies outside ``root``.
+    """
+    path = os.path.abspath(Path(root) / Path(image).expanduser())
+    if root_only:
+        real, real_root = os.path.realpath(path), os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise DataError(
+                f"image {image!r} resolves to {real}, outside the image root {real_root} (data.image_root_only: true "
+                f"refuses such paths)"
+            )
+    return path
+
+
+def _manifest_row(record: Mapping[str, Any] | str, where: str, root: Path, root_only: bool = False) -> _Row:
     if isinstance(record, str):  # a row the reader could not parse; the string says why
         return _Row(where, problem=record)
 
     def locate(row: _Row) -> None:
         row.key = _text_cell(record, "id", required=False)
         image = _text_cell(record, "image", required=True)
-        row.image = os.path.abspath(root / Path(image).expanduser())
+        row.image = resolve_image(root, image, root_only)
         row.key = row.key if row.key is not None else row.image
 
     return _parse_row(record, where, locate)
@@ -506,11 +583,21 @@ def _caption_cell(record: Mapping[str, Any], lang: str) -> str:
 
 
 def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict[str, Any] | str]], list[str]]:
-    """Returns (line number, record or problem) pairs and the keys seen, in order of first appearance."""
+    """Returns (line number, record or problem) pairs and the keys seen, in order of first appearance.
+
+    Each line is decoded on its own, so a line that is not UTF-8 is a bad row (named, skipped with ``skip_bad``)
+    rather than the end of the file; a byte-order mark before the first line is accepted, as in CSV."""
     records: list[tuple[int, dict[str, Any] | str]] = []
     columns: dict[str, None] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                records.append((lineno, _not_utf8(raw[err.start], f"at byte {err.start + 1} of the line")))
+                continue
             if not line.strip():
                 continue
             try:
@@ -527,20 +614,42 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict[str, Any] | str]], lis
 
 
 def _read_csv(path: Path, delimiter: str) -> tuple[list[tuple[int, dict[str, Any] | str]], list[str]]:
-    """Returns (line number, record or problem) pairs and the header's columns."""
+    """Returns (line number, record or problem) pairs and the header's columns. A row with bytes that are not UTF-8
+    is a bad row naming the column and the byte (read with ``surrogateescape``, which keeps them recognisable)."""
     records: list[tuple[int, dict[str, Any] | str]] = []
     # utf-8-sig: spreadsheet programs often write a byte-order mark that would otherwise stick to the first column.
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = [c.strip() for c in reader.fieldnames or []]
+        for i, column in enumerate(columns):
+            bad = _escaped_byte(column)
+            if bad is not None:
+                raise DataError(f"{path} row 1 (the header): {_not_utf8(bad[0], f'in column {i + 1}')}")
         reader.fieldnames = columns
         for record in reader:
             lineno = reader.line_num  # the record's last line: the same as its first unless a quoted cell spans lines
-            if None in record:  # DictReader files surplus cells under the key None
+            bad_cells = [(col, _escaped_byte(v)) for col, v in record.items() if isinstance(v, str)]
+            bad_cells = [(col, bad) for col, bad in bad_cells if bad is not None]
+            if bad_cells:
+                column, (byte, position) = bad_cells[0]
+                records.append((lineno, _not_utf8(byte, f"at character {position} of column {column!r}")))
+            elif None in record:  # DictReader files surplus cells under the key None
                 records.append((lineno, f"{len(columns) + len(record[None])} cells but the header has {len(columns)}"))
             elif any(value is not None and value.strip() for value in record.values()):  # skip blank lines
                 records.append((lineno, record))
     return records, columns
+
+
+def _not_utf8(byte: int, where: str) -> str:
+    return f"not UTF-8 text (byte 0x{byte:02x} {where}); save the file as UTF-8"
+
+
+def _escaped_byte(text: str) -> tuple[int, int] | None:
+    """The first byte ``surrogateescape`` kept in ``text`` (it was not UTF-8) and its position from 1, or None."""
+    for i, ch in enumerate(text):
+        if "\udc80" <= ch <= "\udcff":
+            return ord(ch) - 0xDC00, i + 1
+    return None
 
 
 # load_hf_dataset lives in vldistill.data.hf, which builds on this module: imported last, after everything it takes

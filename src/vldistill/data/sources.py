@@ -104,6 +104,7 @@ def load_data(
     skip_bad: bool = False,
     classnames: dict[str, list[str]] | None = None,
     templates: dict[str, list[str]] | None = None,
+    image_root_only: bool = False,
 ) -> LabelledData | TaskDataset:
     """Resolve a data spec (see ``DataConfig.train``) to labelled data.
 
@@ -122,10 +123,17 @@ def load_data(
     else:
         if spec.startswith("hf:"):
             dataset = load_hf_dataset(
-                spec.removeprefix("hf:"), split=split, columns=columns or None, languages=languages, skip_bad=skip_bad
+                spec.removeprefix("hf:"),
+                split=split,
+                columns=columns or None,
+                languages=languages,
+                skip_bad=skip_bad,
+                image_root_only=image_root_only,
             )
         elif Path(spec).suffix.lower() in (".jsonl", ".csv", ".tsv"):
-            dataset = load_manifest(spec, image_root=image_root, languages=languages, skip_bad=skip_bad)
+            dataset = load_manifest(
+                spec, image_root=image_root, languages=languages, skip_bad=skip_bad, image_root_only=image_root_only
+            )
         else:
             raise DataError(f"data spec {spec!r}: expected bundled:NAME, a .jsonl/.csv manifest, or hf:NAME_OR_PATH")
         if skip_bad and dataset.skipped:
@@ -150,6 +158,7 @@ def load_task_data(
     columns: dict[str, str] | None = None,
     skip_bad: bool = False,
     answers: Sequence[str] | None = None,
+    image_root_only: bool = False,
 ) -> TaskDataset:
     """Resolve a data spec to task data of one kind (``"vqa"``, ``"entailment"``, ``"multiple_choice"``).
 
@@ -163,6 +172,7 @@ def load_task_data(
         columns: column mapping for ``hf:`` data.
         skip_bad: skip bad rows (their count is printed) instead of failing.
         answers: VQA answer vocabulary, e.g. the training set's ``answers`` for an evaluation set.
+        image_root_only: refuse image paths that resolve outside the image root (``data.image_root_only``).
     """
     if spec.startswith("bundled:"):
         name = spec.removeprefix("bundled:")
@@ -178,10 +188,18 @@ def load_task_data(
         return dataset
     if spec.startswith("hf:"):
         dataset = load_task_hf(
-            spec.removeprefix("hf:"), kind, split=split, columns=columns, skip_bad=skip_bad, answers=answers
+            spec.removeprefix("hf:"),
+            kind,
+            split=split,
+            columns=columns,
+            skip_bad=skip_bad,
+            answers=answers,
+            image_root_only=image_root_only,
         )
     elif Path(spec).suffix.lower() in (".jsonl", ".ndjson"):
-        dataset = load_task_manifest(spec, kind, image_root=image_root, skip_bad=skip_bad, answers=answers)
+        dataset = load_task_manifest(
+            spec, kind, image_root=image_root, skip_bad=skip_bad, answers=answers, image_root_only=image_root_only
+        )
     else:
         raise DataError(f"task data spec {spec!r}: expected bundled:NAME, a .jsonl manifest, or hf:NAME_OR_PATH")
     if skip_bad and dataset.skipped:

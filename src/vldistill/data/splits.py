@@ -38,7 +38,15 @@ from vldistill.data.easyvqa_tasks import HELD_OUT_COMBOS, HELD_OUT_PHRASINGS
 from vldistill.data.pairs import DataError, PairDataset
 from vldistill.data.tasks import TaskDataset, TaskSample
 
-__all__ = ["DOMAIN_SHIFTS", "SplitConfig", "apply_split", "default_hold_out", "domain_shift", "low_shot"]
+__all__ = [
+    "DOMAIN_SHIFTS",
+    "SplitConfig",
+    "apply_split",
+    "default_hold_out",
+    "domain_shift",
+    "low_shot",
+    "paired_indices",
+]
 
 D = TypeVar("D", TaskDataset, PairDataset)
 
@@ -186,3 +194,17 @@ def apply_split(cfg: SplitConfig, train: D, test: D | None) -> tuple[D, D | None
     if cfg.low_shot is not None:
         train = low_shot(train, cfg.low_shot, cfg.seed)
     return train, test
+
+
+def paired_indices(n: int, paired: float | None, seed: int) -> list[int]:
+    """The training samples whose image-caption pairing a run may use (``data.paired``): a count (> 1) or a fraction
+    in (0, 1] of ``n``, drawn with ``seed`` like :func:`low_shot` (the same seed gives the same samples; a smaller
+    count gives a subset of a larger one), in their original order; ``None``: all."""
+    if paired is None:
+        return list(range(n))
+    count = int(paired) if paired > 1 else max(1, round(paired * n))
+    if count > n:
+        raise DataError(f"data.paired = {paired!r}: the training data has only {n} samples")
+    order = list(range(n))
+    random.Random(f"low-shot:{seed}").shuffle(order)
+    return sorted(order[:count])

@@ -22,7 +22,7 @@ from vldistill.data.hf import (
     _open_hf,
     _undecoded_images,
 )
-from vldistill.data.pairs import DataError, _read_jsonl
+from vldistill.data.pairs import DataError, _read_jsonl, resolve_image
 from vldistill.data.tasks import (
     _LABELS_EXPECTED,
     DEFAULT_QUESTION_TYPE,
@@ -211,6 +211,7 @@ def load_task_manifest(
     skip_bad: bool = False,
     answers: Sequence[str] | None = None,
     preload: bool = False,
+    image_root_only: bool = False,
 ) -> TaskDataset:
     """Reads a JSONL manifest with one item of ``kind`` per row.
 
@@ -229,6 +230,7 @@ def load_task_manifest(
         answers: VQA: the answer vocabulary (e.g. ``train.answers`` for an evaluation set); a row whose target
             answer is not in it is bad. None builds it from this manifest's answers.
         preload: keep decoded images in memory.
+        image_root_only: refuse (as a bad row) an image path that resolves outside the image root.
 
     Raises:
         DataError: the file is missing or malformed, a required column is missing, or (without ``skip_bad``) a row
@@ -257,7 +259,7 @@ def load_task_manifest(
             image = _cell_text(record, "image", required=True)
             if not image.strip():
                 raise DataError("empty image (expected a path)")
-            return os.path.abspath(root / Path(image.strip()).expanduser()), None
+            return resolve_image(root, image.strip(), image_root_only), None
 
         entries.append(_parse_record(record, kind, where, locate, str(lineno)))
     return TaskDataset._from_entries(entries, kind, source, answers, skip_bad, preload)
@@ -285,6 +287,7 @@ def load_task_hf(
     answers: Sequence[str] | None = None,
     preload: bool = False,
     image_root: str | os.PathLike | None = None,
+    image_root_only: bool = False,
     **load_kwargs: Any,
 ) -> TaskDataset:
     """Reads items of ``kind`` from a Hugging Face dataset, one item per row.
@@ -306,6 +309,7 @@ def load_task_hf(
         answers: VQA: the answer vocabulary; None builds it from this dataset's answers.
         preload: keep decoded images in memory.
         image_root: directory that relative image paths are resolved against (default as in ``load_hf_dataset``).
+        image_root_only: refuse (as a bad row) an image path that resolves outside the image root.
         **load_kwargs: passed to ``datasets.load_dataset``.
 
     Raises:
@@ -323,7 +327,7 @@ def load_task_hf(
     for i in range(len(table[mapping["image"]])):
         record = {key: table[col][i] for key, col in mapping.items()}
 
-        locate = partial(_hf_image, record.get("image"), f"{source}[{i}]", root)
+        locate = partial(_hf_image, record.get("image"), f"{source}[{i}]", root, image_root_only)
         entries.append(_parse_record(record, kind, f"{source} row {i}", locate, str(i)))
     return TaskDataset._from_entries(entries, kind, source, answers, skip_bad, preload)
 

@@ -40,10 +40,20 @@ from .base import (
     pool_teacher_grid,
     soft_cross_entropy,
 )
-from .combine import WeightedLoss, build_loss, build_stage_loss, check_needs, loss_options, stage_needs
+from .clip_td import ClipTargetedDistillation as ClipTargetedDistillation  # registers clip_td (CLIP-TD)
+from .combine import (
+    WeightedLoss,
+    build_loss,
+    build_stage_loss,
+    check_needs,
+    check_unpaired,
+    loss_options,
+    stage_needs,
+)
 from .contrastive import ClipLoss, InteractiveContrastive, RelationalDistillation, SoftCrossEntropyDistillation
 from .features import CrossLingualDistillation, FeatureDistillation, MaskedFeatureDistillation
 from .task import LanguageModelLoss, TaskLoss
+from .vlkd import TextTextDistance as TextTextDistance  # registers VLKD's ttdm, itcl, icti (losses/vlkd.py)
 
 __all__ = [
     "ADAPTERS",
@@ -67,6 +77,7 @@ __all__ = [
     "build_loss",
     "build_stage_loss",
     "check_needs",
+    "check_unpaired",
     "contrastive_targets",
     "distance",
     "kl_to_logits",

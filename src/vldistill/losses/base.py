@@ -245,6 +245,9 @@ class Loss(nn.Module):
     """
 
     needs: frozenset[str] = frozenset({"image", "text"})
+    #: Whether the loss compares an image with a text (of the same or another sample). A stage that draws images
+    #: and captions as unpaired data (``samples: all``) may only use losses where this is false.
+    pairs_image_text: bool = True
 
     @classmethod
     def needs_for(cls, **options: Any) -> frozenset[str]:

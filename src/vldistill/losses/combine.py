@@ -175,3 +175,22 @@ def check_needs(
                     f"{key}: needs {', '.join(map(repr, missing))} from the student, which a {kind} student does not "
                     f"provide (it provides: {', '.join(sorted(provides))})"
                 )
+
+
+def check_unpaired(stages: Sequence[StageConfig]) -> None:
+    """Fail before training when a stage that draws unpaired images and captions (``samples: all``) has a loss that
+    compares an image with a text: such a stage would learn from pairings the run may not use."""
+    for i, stage in enumerate(stages):
+        if stage.samples != "all":
+            continue
+        for j, term in enumerate(stage.losses):
+            try:
+                cls = LOSSES.get(term.name)
+            except KeyError as err:
+                raise ConfigError(f"stages.{i}.losses.{j}.name: {err.args[0]}") from None
+            if cls.pairs_image_text:
+                raise ConfigError(
+                    f"stages.{i}.losses.{j} ({term.name}): compares images with texts, but stages.{i}.samples is "
+                    "'all' (images and captions used as unpaired data); use it in a stage with samples: paired, or "
+                    "use only unimodal losses (fd, mfd, xling) here"
+                )

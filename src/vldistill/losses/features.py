@@ -62,6 +62,8 @@ class FeatureDistillation(Loss):
         adapter: ``"auto"`` (linear only when widths differ), ``"linear"`` or ``"none"``.
     """
 
+    pairs_image_text = False  # unimodal: image to image, text to text
+
     def __init__(
         self,
         dims: Dims,
@@ -215,6 +217,8 @@ class CrossLingualDistillation(Loss):
         teacher: index of the one teacher to use; ``None``: every teacher, averaged.
         adapter: ``"auto"``, ``"linear"`` or ``"none"``, as in ``fd``.
     """
+
+    pairs_image_text = False  # unimodal: image to image, text to text
 
     needs = frozenset({"teacher", "image", "text"})
 

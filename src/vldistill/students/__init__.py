@@ -25,6 +25,7 @@ from .presets import (
     takes_teacher,
 )
 from .seq2seq import Seq2SeqOptions, Seq2SeqProcessor, Seq2SeqStudent, span_corrupt
+from .vilt_small import vilt_small as vilt_small  # registers the vilt-small preset (CLIP-TD recipes)
 
 STUDENT_KINDS.register("dual_encoder")(DualEncoder)
 

@@ -315,18 +315,25 @@ def prepare_student(
     tokenizer=None,
     teachers: Sequence[DualEncoder] = (),
     answers: Sequence[str] | None = None,
+    teacher_dims: Sequence[Any] = (),
 ):
     """Build the student preset; trains a tokenizer on ``corpus`` when the preset needs one and none is given.
 
     A preset that builds on the teacher (e.g. ``mclip-text``, which reuses its image tower, or a seq2seq student,
     whose projections take the teacher's widths) gets ``teachers[0]``. A preset that takes a checkpoint gets
     ``student.name_or_path``; one with a task head gets the task (``data.task``) and the training data's VQA answer
-    vocabulary ``answers``.
+    vocabulary ``answers``. ``student.overrides.projection_dim: teacher`` takes the first teacher's embedding width
+    (from ``teacher_dims`` when the teachers are not loaded, e.g. a run from a teacher-output cache).
     """
     from ..tokenization import train_wordpiece
 
     scfg = cfg.student
     options: dict[str, Any] = dict(scfg.overrides)
+    if options.get("projection_dim") == "teacher":  # the student embeds in the teacher's width (no adapter needed)
+        dims = list(teacher_dims) or [t.dims for t in teachers]
+        if not dims:
+            raise ConfigError("student.overrides.projection_dim = 'teacher': the recipe has no teacher to take it from")
+        options["projection_dim"] = dims[0].embed
     if scfg.preset == "pretrained" or (scfg.name_or_path and _takes(scfg.preset, "name_or_path")):
         options["name_or_path"] = scfg.name_or_path
     if _takes(scfg.preset, "task") and cfg.data.task != "pairs":

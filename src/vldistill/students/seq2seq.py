@@ -226,7 +226,8 @@ class Seq2SeqStudent(StudentKind):
             image = teacher.image if pooled else teacher.image_tokens
         what = "pooled image embedding [B, d_T]" if pooled else "image tokens [B, n, h_T]"
         if image is None:
-            raise ValueError(f"lm_loss needs the teacher's {what} for the image prefix; the teacher gave none")
+            hint = "" if pooled else " (a recipe asks for them with the icti loss's option prefix: tokens)"
+            raise ValueError(f"lm_loss needs the teacher's {what} for the image prefix; the teacher gave none{hint}")
         expected = self.prefix_projection.in_features
         if image.dim() != (2 if pooled else 3) or image.shape[-1] != expected:
             raise ValueError(
@@ -269,7 +270,12 @@ class Seq2SeqStudent(StudentKind):
 
     @torch.no_grad()
     def generate(
-        self, teacher_image: Tensor, prompts: Sequence[str], max_new_tokens: int = 20, num_beams: int = 1
+        self,
+        teacher_image: Tensor,
+        prompts: Sequence[str],
+        max_new_tokens: int = 20,
+        num_beams: int = 1,
+        **settings: Any,
     ) -> list[str]:
         """Generate from the image prefix and a prompt per image (greedy; beam search with ``num_beams > 1``).
 
@@ -278,6 +284,8 @@ class Seq2SeqStudent(StudentKind):
             prompts: ``B`` encoder prompts, e.g. :meth:`format_prompt` of a question.
             max_new_tokens: the longest output.
             num_beams: beams of beam search; 1 is greedy decoding.
+            **settings: other ``generate`` settings, e.g. ``no_repeat_ngram_size`` (given explicitly, they override
+                the defaults a checkpoint's own generation config carries).
 
         Returns:
             ``B`` decoded strings without special tokens.
@@ -298,6 +306,7 @@ class Seq2SeqStudent(StudentKind):
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
                 do_sample=False,
+                **settings,
             )
         finally:
             self.train(was_training)

@@ -46,22 +46,39 @@ def span_corrupt(
     Returns:
         The corrupted ids (shorter than ``token_ids`` by the masked tokens minus the number of spans).
     """
+    ids = list(token_ids)
+    return apply_spans(ids, corruption_spans(ids, ratio, mean_span, generator, special_ids), mask_id)
+
+
+def apply_spans(token_ids: Sequence[int], spans: Mapping[int, int], mask_id: int) -> list[int]:
+    """``token_ids`` with each span (``{start: length}``, from :func:`corruption_spans`) replaced by one mask."""
+    ids, out, i = list(token_ids), [], 0
+    while i < len(ids):
+        if i in spans:
+            out.append(mask_id)
+            i += spans[i]
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def corruption_spans(
+    token_ids: Sequence[int],
+    ratio: float = 0.3,
+    mean_span: float = 3.0,
+    generator: torch.Generator | None = None,
+    special_ids: Collection[int] = (),
+) -> dict[int, int]:
+    """The spans :func:`span_corrupt` replaces, as ``{start position: length}`` (same arguments, same draws): what a
+    denoising evaluation scores, the tokens that were hidden."""
     if not 0 <= ratio <= 1 or not mean_span > 0:
         raise ValueError(f"span_corrupt needs ratio in [0, 1] and mean_span > 0; got {ratio!r}, {mean_span!r}")
     ids = list(token_ids)
     special = set(special_ids)
     target = round(ratio * sum(t not in special for t in ids))
     lengths = _span_lengths(target, mean_span, generator)
-    starts = _place_spans(ids, special, lengths, generator)
-    out, i = [], 0
-    while i < len(ids):
-        if i in starts:
-            out.append(mask_id)
-            i += starts[i]
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
+    return _place_spans(ids, special, lengths, generator)
 
 
 def _span_lengths(target: int, mean_span: float, generator: torch.Generator | None) -> list[int]:

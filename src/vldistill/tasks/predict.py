@@ -6,8 +6,8 @@
 - A dual encoder answers zero-shot, as CLIP does: VQA by the answer whose ``question + answer`` text is closest to the
   image, multiple choice by the closest ``question + candidate``, entailment not at all (a similarity has no
   "neutral").
-- A seq2seq student answers by generation (VLKD); its predictor needs the teacher's image outputs and is not
-  built here yet.
+- A seq2seq student answers VQA and writes captions by generation (VLKD), from its teacher's image outputs
+  (:func:`vldistill.tasks.generation.generative_predictor`).
 """
 
 from __future__ import annotations
@@ -21,18 +21,25 @@ from torch import nn
 from ..batching import teacher_texts
 
 
-def task_predictor(model: nn.Module, task: str, answers: Sequence[str] = ()):
-    """A predictor for ``model`` on ``task`` (``vqa``, ``entailment``, ``multiple_choice``).
+def task_predictor(model: nn.Module, task: str, answers: Sequence[str] = (), teacher=None, generation=None):
+    """A predictor for ``model`` on ``task`` (``vqa``, ``entailment``, ``multiple_choice``; ``captioning`` for a
+    seq2seq student).
 
     Args:
         model: a student of any kind, or a teacher (a dual encoder).
         task: the task name.
         answers: the VQA answer vocabulary a dual encoder chooses from (a cross-modal student has its own).
+        teacher: a seq2seq student's teacher (it embeds the images the student generates from).
+        generation: a seq2seq student's prompts and decoding (``vldistill.config.GenerationConfig``).
 
     Raises:
         ValueError: the model's kind cannot answer that task.
     """
     kind = getattr(model, "kind", "")
+    if kind == "seq2seq":
+        from .generation import generative_predictor
+
+        return generative_predictor(model, teacher, task, generation)
     if kind == "crossmodal":
         return _head_predictor(model, task)
     if kind == "dual_encoder":

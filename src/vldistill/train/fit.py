@@ -17,15 +17,16 @@ from typing import Any
 import torch
 
 from ..batching import TeacherSource, teacher_texts
-from ..config import ConfigError, DataConfig, EvalConfig, RecipeConfig, to_dict
+from ..config import ConfigError, DataConfig, EvalConfig, RecipeConfig, load_recipe, to_dict
 from ..data.sources import LabelledData, load_data, load_task_data
 from ..data.splits import apply_split
 from ..evaluation import agreement, evaluate, mean_cosine
+from ..files import disk_errors, follow_umask
 from ..models import DualEncoder, Teacher, load_teacher, prepare_teachers
 from ..students import load_student, prepare_student
 from ..tasks import get_task
 from ..tasks.predict import task_predictor
-from .loop import FitResult, Trainer
+from .loop import FitResult, Trainer, open_run
 
 
 def _load_split(cfg: DataConfig, source: str, split: str, languages: Sequence[str], limit: int | None) -> LabelledData:
@@ -40,6 +41,7 @@ def _load_split(cfg: DataConfig, source: str, split: str, languages: Sequence[st
         skip_bad=cfg.skip_bad,
         classnames=cfg.classnames,
         templates=cfg.templates,
+        image_root_only=cfg.image_root_only,
     )
 
 
@@ -53,6 +55,7 @@ def _load_task_split(cfg: DataConfig, source: str, split: str, limit: int | None
         columns=cfg.columns,
         skip_bad=cfg.skip_bad,
         answers=answers,
+        image_root_only=cfg.image_root_only,
     )
     return LabelledData(dataset)
 
@@ -123,8 +126,19 @@ def fit_recipe(
     eval_data: LabelledData | None = None,
     evaluate_after: bool = True,
     teacher_source: TeacherSource | None = None,
+    baseline: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a recipe end to end: data, teachers, student, stages, export, evaluation.
+
+    The run owns ``train.output_dir`` while it runs (:class:`~vldistill.train.loop.RunDirectory`): a directory that
+    holds another run's files is refused unless ``overwrite=True`` (``--overwrite``, which deletes them), ``resume``
+    refuses a run started with another config (naming the keys that differ), and a second process is kept out.
+
+    With ``baseline=True`` (``vldistill fit --baseline``) the same student (same tokenizer and initial weights, from
+    ``OUTPUT_DIR/student-init``) is also trained without any teacher, with the recipe's task loss only, on the same
+    paired data for the same steps and batch size (:func:`baseline_config`), into ``OUTPUT_DIR/baseline``; the
+    evaluation then reports student, baseline and teacher side by side, with the student's gain.
 
     With ``teacher.source: cache`` the teachers' outputs come from their cache, opened and checked against the
     recipe, the training data and (when given) the loaded ``teachers``; the teacher models are then loaded only for
@@ -135,7 +149,26 @@ def fit_recipe(
     The student is exported to ``OUTPUT_DIR/student`` in Hugging Face format. In a multi-process run (``accelerate
     launch``, ``torchrun``) every process trains; only the main one exports and evaluates, the others return the
     summary without ``eval``.
+
+    A recipe with ``adapt:`` (MAD) first adapts its teacher to the training split and then runs with the adapted
+    one (:func:`vldistill.train.mad.fit_mad`).
     """
+    with open_run(cfg, resume, overwrite):  # before student-init is read: it must be this run's
+        return _fit_owned(
+            cfg, resume, teachers, student, train_data, eval_data, evaluate_after, teacher_source, baseline, overwrite
+        )
+
+
+def _fit_owned(
+    cfg, resume, teachers, student, train_data, eval_data, evaluate_after, teacher_source, baseline, overwrite
+) -> dict[str, Any]:
+    """:func:`fit_recipe` in a run directory this run owns."""
+    if cfg.adapt is not None:
+        from .mad import fit_mad
+
+        return fit_mad(
+            cfg, resume, teachers, student, train_data, eval_data, evaluate_after, teacher_source=teacher_source
+        )
     train_data = train_data or load_train_data(cfg.data)
     cached = any(t.source == "cache" for t in cfg.teachers)
     if cached:
@@ -154,37 +187,61 @@ def fit_recipe(
             student = load_student(Path(cfg.train.output_dir) / "student-init")
         else:
             answers = getattr(train_data.dataset, "answers", None)
-            student = prepare_student(cfg, corpus, teachers=teachers, answers=answers)
+            dims = [t.dims for t in teachers] or list(getattr(teacher_source, "dims", ()))
+            student = prepare_student(cfg, corpus, teachers=teachers, answers=answers, teacher_dims=dims)
     trainer = Trainer(cfg, student, train_data.dataset, teachers, teacher_source)
+    trainer._print(_widths(student, trainer.dims.teachers))
     main = trainer.accelerator.is_main_process  # several processes: only the main one writes and evaluates
     init_dir = Path(cfg.train.output_dir) / "student-init"
     if main and not init_dir.is_dir():  # the initial student (and its trained tokenizer): a resumed run rebuilds it
         _save_atomically(student, init_dir)  # other processes of a resumed run may look for it meanwhile
     trainer.accelerator.wait_for_everyone()
     result = trainer.fit(resume=resume)
-    export_dir = result.output_dir / "student"
+    export_dir = result.output_dir / cfg.role
     summary: dict[str, Any] = {
         "output_dir": str(result.output_dir),
-        "student_dir": str(export_dir),
+        f"{cfg.role}_dir": str(export_dir),
         "wall_seconds": round(result.wall_seconds, 2),
         "final": result.history[-1] if result.history else {},
     }
+    if not main and not baseline:
+        return summary
+    if baseline:
+        b_cfg = baseline_config(cfg, result.output_dir / "baseline")
+        trainer._print(f"baseline: the same student without the teacher ({b_cfg.stages[0].losses[0].name} only)")
+        b_student = load_student(init_dir)  # the same tokenizer and initial weights as the distilled student
+        b_result = fit_recipe(b_cfg, resume, [], b_student, train_data, evaluate_after=False, overwrite=overwrite)
+        summary["baseline_dir"] = b_result["student_dir"]
     if not main:
         return summary
-    student.save_pretrained(export_dir)
+    with disk_errors(export_dir):
+        student.save_pretrained(export_dir)
+    follow_umask(export_dir)  # safetensors writes 0600 files: a serving account could not read the export
+    if getattr(student, "kind", "") == "seq2seq" and cfg.teachers:  # VLKD: the export names its teacher
+        from .vlkd import write_teacher_card
+
+        write_teacher_card(export_dir, cfg, teachers)
     skipped = getattr(train_data.dataset, "skipped", 0)
-    if skipped:
+    if skipped:  # its summary was printed once, when the data was read
         summary["skipped_rows"] = skipped
-        print(train_data.dataset.summary(), flush=True)
     if evaluate_after and cfg.data.eval:
         eval_data = eval_data or load_eval_data(cfg.data, cfg.eval.languages, train_data)
         if cached and not teachers and cfg.teachers:  # trained from a cache: load the teacher only to compare
             teachers = prepare_teachers(cfg)
         teacher = teachers[0] if teachers else None
-        if cfg.data.task != "pairs":
-            summary["eval"] = evaluate_task(student, teacher, eval_data, train_data, cfg)
+        b_model = load_student(summary["baseline_dir"]) if baseline else None
+        if getattr(student, "kind", "") == "seq2seq":  # VLKD: zero-shot VQA and captioning by generation
+            from .vlkd import evaluate_generative
+
+            summary["eval"] = evaluate_generative(student, teacher, eval_data, cfg, export_dir)
+        elif cfg.data.task != "pairs":
+            summary["eval"] = evaluate_task(student, teacher, eval_data, train_data, cfg, b_model)
         else:
-            summary["eval"] = compare(student, teacher, eval_data, cfg.eval.languages, cfg.eval.batch_size)
+            check_zeroshot(eval_data, cfg.eval.languages, "data.classnames")
+            summary["eval"] = compare(student, teacher, eval_data, cfg.eval.languages, cfg.eval.batch_size, b_model)
+        if cfg.role == "teacher":  # a teacher trained from scratch: its scores are filed as the teacher's
+            summary["eval"] = {"teacher": summary["eval"].pop("student"), **summary["eval"]}
+        print(format_comparison(summary["eval"]), flush=True)
         (result.output_dir / "eval.json").write_text(json.dumps(summary["eval"], indent=2, ensure_ascii=False))
     return summary
 
@@ -193,7 +250,9 @@ def _save_atomically(model: DualEncoder, directory: Path) -> None:
     """``save_pretrained`` into a temporary sibling, then rename: readers see no directory or a complete one."""
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with disk_errors(tmp):
+        model.save_pretrained(tmp)
+    follow_umask(tmp)
     os.replace(tmp, directory)
 
 
@@ -225,12 +284,20 @@ def compare(
     data: LabelledData,
     languages: Sequence[str],
     batch_size: int = EVAL_BATCH_SIZE,
+    baseline: DualEncoder | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a student (and its teacher) and report teacher-student agreement; ``batch_size`` images or texts
-    per encoder call (``eval.batch_size``)."""
+    """Evaluate a student (and its teacher, and its no-teacher baseline) and report teacher-student agreement and
+    the student's gain over the baseline (zero-shot top-1, in points); ``batch_size`` images or texts per encoder
+    call (``eval.batch_size``)."""
     eval_set = data.eval_set(languages)
     out = evaluate(student, eval_set, batch_size=batch_size)
     metrics: dict[str, Any] = {"student": out["metrics"]}
+    if baseline is not None:
+        metrics["baseline"] = evaluate(baseline, eval_set, batch_size=batch_size)["metrics"]
+        zs, b_zs = metrics["student"]["zeroshot"], metrics["baseline"]["zeroshot"]
+        metrics["gain_points"] = {
+            lang: round(100 * (zs[lang]["top1"] - b_zs[lang]["top1"]), 2) for lang in zs if lang in b_zs
+        }
     if teacher is not None:
         teacher_langs = [lang for lang in eval_set.languages if lang in _teacher_languages(teacher)]
         t_out = evaluate(teacher, eval_set, teacher_langs or None, batch_size=batch_size)
@@ -240,7 +307,12 @@ def compare(
 
 
 def evaluate_task(
-    student: Any, teacher: DualEncoder | None, data: LabelledData, train: LabelledData, cfg: RecipeConfig
+    student: Any,
+    teacher: DualEncoder | None,
+    data: LabelledData,
+    train: LabelledData,
+    cfg: RecipeConfig,
+    baseline: Any = None,
 ) -> dict[str, Any]:
     """The task's metrics (``data.task``) for the student and, where a dual encoder can answer the task zero-shot,
     for the teacher; entailment also reports a hypothesis-only text model fitted on the training split."""
@@ -251,6 +323,10 @@ def evaluate_task(
         options["train"] = train.dataset
     out: dict[str, Any] = {"task": task.name, "data": cfg.data.eval, "split": to_dict(cfg.data.split)}
     out["student"] = task.evaluate(task_predictor(student, task.name, answers), data.dataset, **options)
+    if baseline is not None:
+        out["baseline"] = task.evaluate(task_predictor(baseline, task.name, answers), data.dataset, **options)
+        key = _headline(out["student"])
+        out["gain_points"] = {key: round(100 * (out["student"][key] - out["baseline"][key]), 2)}
     if teacher is not None:
         try:
             predict = task_predictor(teacher, task.name, answers)
@@ -259,6 +335,57 @@ def evaluate_task(
         else:
             out["teacher"] = task.evaluate(predict, data.dataset, **{k: v for k, v in options.items() if k != "train"})
     return out
+
+
+def _headline(metrics: dict[str, Any]) -> str | None:
+    """The name of a task's headline metric in its ``evaluate`` output (``None`` when it has none of them)."""
+    return next((k for k in ("accuracy", "q2ar", "q2a", "cider") if k in metrics), None)
+
+
+def _widths(student: Any, teacher_dims: Sequence[Any]) -> str:
+    """One line naming the student's and the teachers' embedding widths (adapters are needed where they differ)."""
+    mine = student.dims.embed
+    theirs = ", ".join(str(d.embed) for d in teacher_dims) or "no teacher"
+    n = sum(p.numel() for p in student.parameters())
+    kind = getattr(student, "kind", "")
+    return f"student: {kind} {n / 1e6:.2f}M parameters, embedding width {mine} (teacher: {theirs})"
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """The evaluation as a few plain lines: each model's headline figures, and the gain over the baseline."""
+    lines = []
+    for name in ("teacher", "student", "baseline"):
+        entry = result.get(name)
+        if not entry or "skipped" in entry:
+            continue
+        if "zeroshot" in entry:
+            figures = ", ".join(f"{lang.upper()} top-1 {100 * m['top1']:.1f}" for lang, m in entry["zeroshot"].items())
+        elif _headline(entry) is not None:
+            figures = f"{_headline(entry)} {100 * entry[_headline(entry)]:.1f}"
+        else:  # e.g. a generative student's several tasks: eval.json has them all
+            continue
+        lines.append(f"{name:>8}: {figures or 'no zero-shot classes'}")
+    for key, points in result.get("gain_points", {}).items():
+        lines.append(f"    gain: student - baseline = {points:+.1f} points ({key})")
+    return "\n".join(lines)
+
+
+def baseline_config(cfg: RecipeConfig, output_dir: str | Path) -> RecipeConfig:
+    """The recipe without its teacher: one stage of the recipe's total steps with the task loss only (``clip`` on
+    every training language for image-text pairs, ``task`` for task data), on the paired samples only, training the
+    groups any stage of the recipe trains; same student, data, batch size and seed."""
+    raw = to_dict(cfg)
+    raw["teachers"] = []
+    if cfg.data.task == "pairs":
+        loss = {"name": "clip", "weight": 1.0, "label": None, "options": {"langs": list(cfg.data.languages)}}
+    else:
+        loss = {"name": "task", "weight": 1.0, "label": None, "options": {}}
+    groups = list(dict.fromkeys(g for stage in cfg.stages for g in stage.trainable))
+    stage = {"name": "contrastive" if cfg.data.task == "pairs" else "task", "steps": cfg.total_steps}
+    raw["stages"] = [{**stage, "losses": [loss], "trainable": groups, "lr": None, "samples": "paired"}]
+    raw["train"]["output_dir"] = str(output_dir)
+    raw["tiny"] = {}
+    return load_recipe(raw=raw)
 
 
 def _agreement(out: dict[str, Any], t_out: dict[str, Any]) -> dict[str, float]:
@@ -297,9 +424,11 @@ def evaluate_model(
         raise ConfigError("nothing to evaluate: give --data")
     encoder = DualEncoder.from_pretrained(model)
     eval_data = _eval_data_in(data, languages)
+    check_zeroshot(eval_data, languages or eval_data.dataset.languages, "--classnames")
     eval_set = eval_data.eval_set(languages)
     out = evaluate(encoder, eval_set, batch_size=batch_size)
-    result: dict[str, Any] = {"model": str(model), "params": encoder.num_parameters(), **out["metrics"]}
+    result: dict[str, Any] = {"model": str(model), "data": data.eval, "split": data.eval_split}
+    result.update({"samples": len(eval_set.images), "params": encoder.num_parameters(), **out["metrics"]})
     if teacher:
         t_model = load_teacher(teacher, languages=teacher_languages or ("en",))
         t_langs = [lang for lang in eval_set.languages if lang in _teacher_languages(t_model)]
@@ -311,6 +440,27 @@ def evaluate_model(
         t_out = evaluate(t_model, eval_set, t_langs, batch_size=batch_size)
         result["agreement"] = _agreement(out, t_out)
     return result
+
+
+def check_zeroshot(data: LabelledData, languages: Sequence[str], key: str) -> None:
+    """Never skip zero-shot classification silently: labelled data without class names is an error naming ``key``
+    (the flag or recipe key that gives them); class names for only some of the evaluated languages is a warning."""
+    ds = data.dataset
+    labelled = any(s.label >= 0 for s in ds.samples)
+    if not labelled:
+        return
+    if not data.classnames:
+        raise ConfigError(
+            f"{key}: the evaluation data has labels but no class names, so zero-shot classification cannot run; "
+            f"give the class names in label order per language (e.g. {key} en=classes.txt)"
+        )
+    missing = [lang for lang in languages if lang in ds.languages and lang not in data.classnames]
+    if missing:
+        print(
+            f"warning: {key} has no class names in {missing}: zero-shot classification is evaluated in "
+            f"{sorted(data.classnames)} only (retrieval in every language)",
+            flush=True,
+        )
 
 
 def _eval_data_in(data: DataConfig, languages: Sequence[str] | None) -> LabelledData:

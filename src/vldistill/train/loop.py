@@ -13,11 +13,21 @@ then renamed) every ``train.checkpoint_every`` steps and at the end of every sta
 from the last one and reaches the same weights as an uninterrupted run (data order is a pure function of the
 seed, stage and step; the RNG state travels in the checkpoint).
 
+Nothing lost, nothing mixed (:class:`RunDirectory`): a run owns its output directory. A new run refuses a directory
+that holds another run's files unless told to replace them (``overwrite``); ``resume`` checks that the directory's
+``config.json`` is the run's own resolved config and names the keys that differ; a lock keeps a second process out
+(its error names the holder's pid). ``metrics.jsonl`` is rewritten atomically on resume (the rows up to the
+checkpoint), then appended to, so no kill loses the history. A non-finite teacher output, loss or gradient stops
+the run at once (:class:`NonFiniteError`, naming the teacher or cache shard and the step), before the step's
+checkpoint could overwrite the last good one. Old checkpoints are renamed before they are deleted, so a kill while
+pruning leaves a ``.del-*`` folder that the next run removes.
+
 This module sits on top of the library: nothing in ``vldistill`` imports it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -33,14 +43,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, DistributedType
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..batching import Collator, LiveTeachers, TeacherSource, teacher_texts
 from ..config import ConfigError, RecipeConfig, StageConfig, to_dict
+from ..data.splits import paired_indices
 from ..dist import process_shard
-from ..losses import WeightedLoss, build_stage_loss, check_needs, stage_needs
+from ..files import disk_errors, write_bytes, write_text
+from ..files import save_safetensors as save_file  # atomic, with the umask's mode, a full disk named by file
+from ..losses import WeightedLoss, build_stage_loss, check_needs, check_unpaired, stage_needs
 from ..models import DualEncoder, Teacher
 from ..outputs import Dims, Embeddings, StepOutputs
 from ..students import STUDENT_OUTPUTS, set_trainable
@@ -52,15 +65,28 @@ class StageSampler:
 
     With ``views = K > 1`` (a teacher cache with augmented views) it yields ``(index, view)`` pairs: sample ``i``
     gets view ``(epoch + offset_i) % K`` with a seeded random ``offset_i``, so every view is used once per K epochs.
+    With ``epochs=True`` it yields ``(index, view, epoch)`` triples (view 0 without views): for students whose inputs
+    depend on the epoch (a seq2seq student's span corruption is seeded by seed, sample and epoch).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, stage: int, total: int, start: int = 0, views: int = 1):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        stage: int,
+        total: int,
+        start: int = 0,
+        views: int = 1,
+        epochs: bool = False,
+    ):
         if n < batch_size:
             raise ValueError(f"the training set has {n} samples, fewer than train.batch_size = {batch_size}")
         self.n, self.batch_size, self.seed, self.stage = n, batch_size, seed, stage
         self.total, self.start = total, start
         self.per_epoch = n // batch_size
         self.views = views
+        self.epochs = epochs
 
     def __len__(self) -> int:
         return self.total - self.start
@@ -76,14 +102,33 @@ class StageSampler:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stage * 10_007 + epoch)
                 perm = torch.randperm(self.n, generator=g).tolist()
             i = (m % self.per_epoch) * self.batch_size
-            if self.views == 1:
+            if self.epochs:
+                yield [
+                    (j, (epoch + offsets[j]) % self.views if self.views > 1 else 0, epoch)
+                    for j in perm[i : i + self.batch_size]
+                ]
+            elif self.views == 1:
                 yield perm[i : i + self.batch_size]
             else:
                 yield [(j, (epoch + offsets[j]) % self.views) for j in perm[i : i + self.batch_size]]
 
 
+class _Subset(torch.utils.data.Dataset):
+    """Some samples of a dataset; items keep the underlying dataset's ``index`` (what a teacher cache reads by)."""
+
+    def __init__(self, data, indices: list[int]):
+        self.data, self.indices = data, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.data[self.indices[i]]
+
+
 class _WithViews(torch.utils.data.Dataset):
-    """Items of ``data`` for ``(index, view)`` keys, with ``"view"`` added."""
+    """Items of ``data`` for ``(index, view)`` keys, with ``"view"`` added (and ``"epoch"`` for ``(index, view,
+    epoch)`` keys)."""
 
     def __init__(self, data):
         self.data = data
@@ -92,8 +137,8 @@ class _WithViews(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, view = key
-        return {**self.data[index], "view": view}
+        index, view, *epoch = key
+        return {**self.data[index], "view": view, **({"epoch": epoch[0]} if epoch else {})}
 
 
 class DistillModule(nn.Module):
@@ -103,22 +148,115 @@ class DistillModule(nn.Module):
     computed first, so the student may read them (``forward(inputs, needs, teacher=...)``).
     """
 
-    def __init__(self, student: nn.Module, loss: WeightedLoss, teachers: TeacherSource | None):
+    def __init__(
+        self,
+        student: nn.Module,
+        loss: WeightedLoss,
+        teachers: TeacherSource | None,
+        teacher_names: Sequence[str] = (),
+    ):
         super().__init__()
         self.student = student
         self.loss = loss
         self._teachers = teachers
+        self._names = list(teacher_names)
+        self._last_teachers: list[Embeddings] = []
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """The weighted loss and its logged terms. Raises :class:`NonFiniteError` (on every process at once) when a
+        teacher's output or the loss is not finite: training on NaN would only spread it to every weight."""
         needs = self.loss.needs
         teachers = self._teachers(batch, needs) if ("teacher" in needs and self._teachers) else []
+        bad = [(j, name) for j, t in enumerate(teachers) for name in _non_finite_fields(t)]
+        self._last_teachers = teachers
+        if _on_any_process(bool(bad)):
+            raise NonFiniteError(self._describe_teachers(bad, batch))
         options = {"mask_ratio": self.loss.mask_ratio} if getattr(self.loss, "mask_ratio", None) is not None else {}
         student = self.student(batch["student"], needs, teacher=teachers[0] if teachers else None, **options)
         device = _device_of(student)
         groups = {lang: g.to(device) for lang, g in batch["groups"].items()}
         targets = {k: t.to(device) for k, t in batch.get("targets", {}).items()}
         out = StepOutputs(student=student, teachers=teachers, groups=groups, targets=targets)
-        return self.loss(gather_outputs(out))
+        total, parts = self.loss(gather_outputs(out))
+        if _on_any_process(not bool(torch.isfinite(total.detach()).all())):
+            raise NonFiniteError(_describe_loss(total, parts, student))
+        return total, parts
+
+    def _describe_teachers(self, bad: list[tuple[int, str]], batch: dict[str, Any]) -> str:
+        if not bad:
+            return "a teacher gave non-finite outputs on another process"
+        j = bad[0][0]
+        fields = ", ".join(name for k, name in bad if k == j)
+        name = self._names[j] if j < len(self._names) else f"teacher {j}"
+        where = getattr(self._teachers, "where", None)
+        index = batch["index"]
+        value = dict(_tensors_of(self._last_teachers[j]))[bad[0][1]] if self._last_teachers else None
+        if value is not None and value.shape[0] == len(index):  # only the rows that hold the NaN
+            index = index[~torch.isfinite(value.detach()).reshape(len(index), -1).all(dim=1).cpu()]
+        rows = f" ({where(index, j)})" if where is not None else ""
+        return (
+            f"teacher {j} ({name}){rows} gave non-finite values (NaN or inf) in its {fields} output; its weights or "
+            f"cached outputs are damaged"
+        )
+
+
+class NonFiniteError(ValueError):
+    """A teacher output, a loss or a gradient that is NaN or infinite: the run stops at once, before the step's
+    checkpoint is written, so the last good checkpoint stays. The message names the teacher or cache shard (or the
+    loss terms) and the step."""
+
+
+def _tensors_of(emb: Embeddings) -> Iterator[tuple[str, Tensor]]:
+    for name in ("image", "image_tokens", "image_masked"):
+        value = getattr(emb, name, None)
+        if isinstance(value, Tensor):
+            yield name, value
+    for group in ("text", "text_tokens"):
+        for field, value in getattr(emb, group, {}).items():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                yield f"{group}.{field}", value
+    for key, value in getattr(emb, "extra", {}).items():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            yield f"extra.{key}", value
+
+
+def _non_finite_fields(emb: Embeddings) -> list[str]:
+    """The names of the floating-point outputs of ``emb`` that hold a NaN or an infinity (one device sync)."""
+    named = [(name, t) for name, t in _tensors_of(emb) if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+def _on_any_process(flag: bool) -> bool:
+    """``flag`` or'ed over the processes of a multi-process run, so that every process raises together (a process
+    that stopped alone would leave the others waiting in a collective)."""
+    if process_shard()[1] == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _collective_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _describe_loss(total: Tensor, parts: dict[str, Any], student: Embeddings) -> str:
+    values = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in parts.items() if k != "loss"}
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    outputs = _non_finite_fields(student)
+    if outputs:
+        why = (
+            f"the student's {', '.join(outputs)} output is not finite: training diverged (lower train.lr, keep "
+            f"train.max_grad_norm set) or the student's weights are damaged"
+        )
+    else:
+        why = f"the student's and teachers' outputs are finite, the loss terms {bad or '(all)'} are not"
+    return f"the loss is {float(total.detach()):.4g} ({terms}): {why}"
 
 
 def _device_of(emb: Embeddings) -> torch.device:
@@ -208,6 +346,275 @@ def warmup_cosine(optimizer, warmup: int, total: int) -> torch.optim.lr_schedule
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# ------------------------------------------------------------------------------------------ the run directory
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "checkpoints",
+    "student-init",
+    ".tmp-student-init",
+    "student",
+    "teacher",
+    "baseline",
+    "adapt",
+    "adapted-teacher",
+    "adapt.json",
+    "eval.json",
+    "tb",
+)
+"""What runs write into their output directory: a new run finds none of them there, or removes them all when told
+to (``overwrite``). Other files (a manifest, images, notes) are the user's and stay."""
+LOCK_FILE = ".vldistill.lock"
+RESUME_FREE = (
+    "tiny",
+    "train.output_dir",
+    "train.progress",
+    "train.tensorboard",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.threads",
+    "eval",
+    "data.eval",
+    "data.eval_split",
+    "data.limit_eval",
+    "cache.workers",
+    "cache.batch_size",
+)
+"""Config keys a resumed run may change: where and how the run is shown, checkpointed and evaluated afterwards, not
+what it computes. Every other key must equal the value in the run's ``config.json``."""
+_HELD: dict[Path, int] = {}  # run directories this process has claimed (nested claims of one run are no-ops)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks; one process per directory is then on the user
+    fcntl = None
+
+
+class RunError(ValueError):
+    """A run directory that another run owns or uses, or a resume whose config differs from the run's."""
+
+
+class RunDirectory:
+    """A run's output directory, owned by one run and written by one process at a time.
+
+    :func:`open_run` claims it: it takes the directory's lock (an ``flock`` on ``.vldistill.lock``, released by the
+    kernel when the process ends, however it ends), then, for a new run, refuses a directory holding another run's
+    files (:data:`RUN_FILES`) unless ``overwrite`` (which removes them), and for ``resume`` compares the stored
+    ``config.json`` with the run's resolved config (keys in :data:`RESUME_FREE` may differ; keys one side does not
+    have, e.g. a field added to vldistill since, are not compared). Leftovers of killed checkpoint writes and
+    prunes are removed. Then it writes ``config.json``. Use it as a context manager, or call :meth:`release`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._key = Path(os.path.abspath(self.path))
+        self._fd: int | None = None
+        self._nested = False
+
+    def claim(self, cfg: RecipeConfig, resume: bool = False, overwrite: bool = False, main: bool = True) -> None:
+        """Take the directory for ``cfg`` (on the main process: lock, check, clean, write ``config.json``)."""
+        if resume and overwrite:
+            raise RunError("resume and overwrite: choose one (--resume continues the run, --overwrite replaces it)")
+        if self._key in _HELD:  # e.g. fit_recipe -> Trainer.fit, or MAD's distillation inside its recipe's run
+            self._nested = True
+            _HELD[self._key] += 1
+            return
+        if main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            try:
+                for trash in self.path.glob(".del-*"):  # what a kill during an --overwrite left
+                    shutil.rmtree(trash, ignore_errors=True)
+                if resume:
+                    self._check_resume(cfg)
+                else:
+                    self._check_new(overwrite)
+                clean_checkpoints(self.path / "checkpoints")
+                write_text(self.path / "config.json", json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
+            except BaseException:
+                self._unlock()
+                raise
+        _HELD[self._key] = 1
+
+    def release(self) -> None:
+        """Give the directory back (the outermost claim of this process unlocks it)."""
+        if self._key not in _HELD:
+            return
+        _HELD[self._key] -= 1
+        if _HELD[self._key] <= 0:
+            del _HELD[self._key]
+            self._unlock()
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # -------------------------------------------------------------------------------------------------- checks
+    def _check_new(self, overwrite: bool) -> None:
+        found = [name for name in RUN_FILES if (self.path / name).exists()]
+        # a run that stopped before it saved anything (bad data, a wrong key) leaves config.json alone: nothing to mix
+        trained = [name for name in found if name not in ("config.json", ".tmp-student-init")]
+        if not found:
+            return
+        if trained and not overwrite:
+            raise RunError(
+                f"{self.path} holds another run ({', '.join(found)}); a new run never mixes with it: continue that "
+                f"run with --resume, replace it with --overwrite (deletes those files), or give another --output"
+            )
+        # config.json last: a kill while deleting leaves a directory whose remaining files still name their run
+        for name in sorted(found, key=lambda n: n == "config.json"):
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                trash = self.path / f".del-{name}"
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(path, trash)
+                shutil.rmtree(trash)
+            else:
+                path.unlink()
+
+    def _check_resume(self, cfg: RecipeConfig) -> None:
+        stored = self.path / "config.json"
+        if not stored.is_file():
+            found = [name for name in RUN_FILES if (self.path / name).exists() and name != ".tmp-student-init"]
+            if found:
+                raise RunError(
+                    f"--resume: {self.path} holds {', '.join(found)} but no config.json, so nothing tells which run "
+                    f"they belong to; replace them with --overwrite, or give another --output"
+                )
+            return
+        try:
+            old = json.loads(stored.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RunError(f"--resume: {stored} is damaged ({err}); replace the run with --overwrite") from None
+        diffs = config_differences(old, to_dict(cfg))
+        if diffs:
+            shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+            raise RunError(
+                f"--resume: the run in {self.path} was started with another config ({len(diffs)} key"
+                f"{'s' if len(diffs) > 1 else ''} differ: {shown}); resume it with its own settings, replace it with "
+                f"--overwrite, or give another --output"
+            )
+
+    # ---------------------------------------------------------------------------------------------------- lock
+    def _lock(self) -> None:
+        if fcntl is None:
+            return
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunError(
+                f"{self.path} is being written by another vldistill process (pid {holder}); two processes never "
+                f"write one run directory: wait for it to end, or give another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def _unlock(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def open_run(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> RunDirectory:
+    """Claim ``cfg.train.output_dir`` for this run (see :class:`RunDirectory`). In a multi-process run the main
+    process claims it and every process raises its error, so none is left waiting for the others."""
+    run = RunDirectory(cfg.train.output_dir)
+    rank, world = _rank_and_world()
+    error = None
+    try:
+        run.claim(cfg, resume, overwrite, main=rank == 0)
+    except RunError as err:
+        error = str(err)
+    if world > 1:
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error = shared[0]
+        if error is not None:
+            run.release()
+    if error is not None:
+        raise RunError(error)
+    return run
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes, initialising the process group under ``accelerate launch``
+    or ``torchrun`` (Accelerate does the same, later, with the same device choice)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return state.process_index, state.num_processes
+    return 0, 1
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"key (OLD there, NEW now)"`` for every dotted key both configs have whose values differ (keys in
+    :data:`RESUME_FREE` aside); a list of sections (stages, losses, teachers) of another length counts once."""
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for key in b:
+        if key not in a or any(key == f or key.startswith(f + ".") for f in RESUME_FREE):
+            continue
+        if a[key] != b[key]:
+            out.append(f"{key} ({_shown(a[key])} there, {_shown(b[key])} now)")
+    return out
+
+
+class _Items(int):
+    """The length of a list of sections, as a flattened value."""
+
+    def __repr__(self) -> str:
+        return f"{int(self)} items"
+
+
+def _flatten(value: Any, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+    out = {} if out is None else out
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
+    elif isinstance(value, list) and any(isinstance(item, dict) for item in value):
+        out[prefix] = _Items(len(value))
+        for i, item in enumerate(value):
+            _flatten(item, f"{prefix}.{i}", out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if isinstance(value, _Items) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def clean_checkpoints(ckpt_dir: Path) -> None:
+    """Remove what killed processes left in a checkpoint folder: half-written checkpoints (``.tmp-*``), checkpoints
+    being pruned (``.del-*``), and any other checkpoint folder that is incomplete and not the latest."""
+    if not ckpt_dir.is_dir():
+        return
+    marker = ckpt_dir / "latest"
+    latest = marker.read_text().strip() if marker.is_file() else None
+    (ckpt_dir / "latest.tmp").unlink(missing_ok=True)
+    for path in ckpt_dir.iterdir():
+        if path.name.startswith((".tmp-", ".del-")) or (
+            path.is_dir() and path.name != latest and not _complete_checkpoint(path)
+        ):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+CHECKPOINT_FILES = ("module.safetensors", "optim.pt", "state.json")
+
+
+def _complete_checkpoint(path: Path) -> bool:
+    return all((path / name).is_file() for name in CHECKPOINT_FILES)
+
+
 class Trainer:
     """Runs a recipe's stages on a student with (optionally) teachers.
 
@@ -229,11 +636,19 @@ class Trainer:
     ):
         self.cfg = config
         self.student = student
-        self.data = train_data
+        self.data = train_data  # every training sample (stages with ``samples: all``)
+        paired = config.data.paired
+        self.paired_data = (
+            _Subset(train_data, paired_indices(len(train_data), paired, config.data.split.seed))
+            if paired is not None
+            else train_data
+        )
         self.teachers = list(teachers)
         self.teacher_source = teacher_source or (LiveTeachers(self.teachers) if self.teachers else None)
         self.output_dir = Path(config.train.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
+        if config.train.threads is not None:
+            torch.set_num_threads(config.train.threads)
         self.accelerator = _accelerator(config.train.mixed_precision)
         kind = self.accelerator.distributed_type
         if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
@@ -258,6 +673,7 @@ class Trainer:
         # Fail now, not after the earlier stages trained: what each loss needs is declared statically and compared
         # with what the student kind and the teacher source provide.
         check_needs(config.stages, student.provides, student.kind, STUDENT_OUTPUTS)
+        check_unpaired(config.stages)
         for i, stage in enumerate(config.stages):
             needs = frozenset().union(*(n for _, n in stage_needs(stage, i)))
             if "teacher" in needs and hasattr(self.teacher_source, "check_needs"):  # e.g. token features
@@ -288,45 +704,51 @@ class Trainer:
         if torch.cuda.is_available():
             # this process's device; every process's generator is in the same state (same seed, same draws)
             rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "optim.pt"
-        )
-        (tmp / "state.json").write_text(json.dumps(state))
+        extra = io.BytesIO()  # serialised here, written below: a full disk then names the file, not a stream offset
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, extra)
+        write_bytes(tmp / "optim.pt", extra.getbuffer())
+        write_text(tmp / "state.json", json.dumps(state))  # last: a folder with state.json is a whole checkpoint
         final = self.ckpt_dir / name
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():
+            _remove_checkpoint(final)
         os.replace(tmp, final)
-        _atomic_write(self.ckpt_dir / "latest", name)
+        write_text(self.ckpt_dir / "latest", name)
         self._prune(keep=self.cfg.train.keep_checkpoints, current=name)
         return final
 
     def _prune(self, keep: int, current: str) -> None:
-        # Only complete checkpoints count (a folder without state.json is not one); leftovers of crashed writes go.
-        for tmp in self.ckpt_dir.glob(".tmp-*"):
+        # Only complete checkpoints count; leftovers of crashed writes and prunes go.
+        for tmp in [*self.ckpt_dir.glob(".tmp-*"), *self.ckpt_dir.glob(".del-*")]:
             shutil.rmtree(tmp, ignore_errors=True)
         ckpts = sorted(
-            (p for p in self.ckpt_dir.iterdir() if (p / "state.json").is_file() and not p.name.startswith(".")),
+            (p for p in self.ckpt_dir.iterdir() if not p.name.startswith(".") and _complete_checkpoint(p)),
             key=lambda p: json.loads((p / "state.json").read_text())["global_step"],
         )
         for old in ckpts[: max(0, len(ckpts) - keep)]:
             if old.name != current:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_checkpoint(old)
 
     def latest_checkpoint(self) -> Path | None:
         marker = self.ckpt_dir / "latest"
         if not marker.is_file():
             return None
         path = self.ckpt_dir / marker.read_text().strip()
-        return path if (path / "state.json").is_file() else None
+        return path if _complete_checkpoint(path) else None
 
     # ------------------------------------------------------------------------------------------------- fit
-    def fit(self, resume: bool = False) -> FitResult:
+    def fit(self, resume: bool = False, overwrite: bool = False) -> FitResult:
+        """Train every stage (from the last checkpoint with ``resume``) in ``train.output_dir``, which this run owns
+        while it trains (:class:`RunDirectory`): a directory holding another run's files is refused unless
+        ``overwrite`` (which deletes them), and ``resume`` refuses a run started with another config."""
+        with open_run(self.cfg, resume, overwrite):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> FitResult:
         start_time = time.perf_counter()
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         main = self.accelerator.is_main_process
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if main:
-            (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
         start_stage, start_step, ckpt = 0, 0, None
         if resume:
             ckpt = self.latest_checkpoint()
@@ -338,9 +760,10 @@ class Trainer:
                 self._print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from scratch")
         history = self._load_history(start_stage, start_step) if ckpt else []
         self.accelerator.wait_for_everyone()  # every process has read the history before the main one rewrites it
-        metrics_file = open(self.output_dir / "metrics.jsonl", "w", encoding="utf-8") if main else None  # noqa: SIM115
-        for row in history if main else []:
-            metrics_file.write(json.dumps(row) + "\n")
+        metrics = self.output_dir / "metrics.jsonl"
+        if main:  # the rows up to the checkpoint, replaced atomically: a kill from here on loses none of them
+            write_text(metrics, "".join(json.dumps(row, allow_nan=False) + "\n" for row in history))
+        metrics_file = open(metrics, "a", encoding="utf-8") if main else None  # noqa: SIM115
         tb = self._tensorboard()
         try:
             for i, stage in enumerate(cfg.stages):
@@ -367,7 +790,7 @@ class Trainer:
             ckpt = None
         loss = build_stage_loss(stage, self.dims, index)
         set_trainable(self.student, stage.trainable, f"stages.{index}.trainable")  # checked in __init__
-        module = DistillModule(self.student, loss, self.teacher_source)
+        module = DistillModule(self.student, loss, self.teacher_source, self._teacher_names())
         optimizer = make_optimizer(module, stage.lr or cfg.train.lr, cfg.train.weight_decay)
         scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, stage.steps)
         if ckpt is not None:
@@ -383,19 +806,21 @@ class Trainer:
         views = getattr(self.teacher_source, "views", None) if "teacher" in loss.needs else None
         collate = Collator(self.student, live, cfg.data.languages, [self._teacher_fields(t) for t in live], views)
         ga = cfg.train.grad_accum
+        data = self.data if stage.samples == "all" else self.paired_data
         sampler = StageSampler(
-            len(self.data),
+            len(data),
             cfg.train.batch_size,
             cfg.train.seed,
             index,
             stage.steps * ga,
             start_step * ga,
             views.count if views is not None else 1,
+            epochs=hasattr(collate.student, "set_epoch"),  # span corruption by epoch: the sample carries it
         )
         # The loader's own generator: starting an iterator would otherwise draw from the global RNG, so a resumed run
         # (which restores the RNG before that draw) would see different dropout than an uninterrupted one.
         loader = torch.utils.data.DataLoader(
-            _WithViews(self.data) if views is not None else self.data,
+            _WithViews(data) if views is not None or sampler.epochs else data,
             batch_sampler=sampler,
             collate_fn=collate,
             num_workers=_workers(),
@@ -415,17 +840,27 @@ class Trainer:
         t0, seen = time.perf_counter(), 0
         for step in range(start_step, stage.steps):
             parts_sum: dict[str, float] = {}
+            where = f"stage {index} ({stage.name!r}), step {step + 1} of {stage.steps}"
             for micro in range(ga):
                 batch = next(batches)
                 sync = acc.no_sync(module) if micro < ga - 1 else nullcontext()
                 with sync, acc.autocast():
-                    total, parts = module(batch)
+                    try:
+                        total, parts = module(batch)
+                    except NonFiniteError as err:  # nothing of this step is applied or saved
+                        raise NonFiniteError(f"{where}: {err}; the run stopped, its last checkpoint is kept") from None
                 acc.backward(total / ga)
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / ga
                 seen += len(batch["index"])
             if cfg.train.max_grad_norm is not None:
-                acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], cfg.train.max_grad_norm)
+                norm = acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], cfg.train.max_grad_norm)
+                # fp16 runs scale the loss and skip steps with inf gradients by design; others never see one
+                if norm is not None and cfg.train.mixed_precision != "fp16" and not math.isfinite(float(norm)):
+                    raise NonFiniteError(
+                        f"{where}: the gradient norm is {float(norm)} (the loss was finite): training diverged; lower "
+                        f"train.lr. The run stopped, its last checkpoint is kept"
+                    )
             lr = scheduler.get_last_lr()[0]  # the rate this step used (scheduler.step() moves on to the next)
             optimizer.step()
             scheduler.step()
@@ -437,8 +872,9 @@ class Trainer:
                 row["samples_per_second"] = round(seen * acc.num_processes / max(time.perf_counter() - t0, 1e-9), 2)
                 history.append(row)
                 if metrics_file is not None:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
+                    with disk_errors(self.output_dir / "metrics.jsonl"):
+                        metrics_file.write(json.dumps(row, allow_nan=False) + "\n")
+                        metrics_file.flush()
                 if tb is not None:
                     gstep = sum(s.steps for s in cfg.stages[:index]) + done
                     for k, v in row.items():
@@ -455,6 +891,15 @@ class Trainer:
                 self._save_checkpoint(module, optimizer, scheduler, state)
                 acc.wait_for_everyone()
         bar.close()
+
+    def _teacher_names(self) -> list[str]:
+        """How errors name each teacher: its hub id or directory (and the cache it is read from)."""
+        names = []
+        for j, tcfg in enumerate(self.cfg.teachers):
+            loaded = getattr(self.teachers[j].model, "name_or_path", "") if j < len(self.teachers) else ""
+            name = tcfg.name_or_path or loaded or f"teacher {j}"
+            names.append(f"{name}, read from the cache {tcfg.cache}" if tcfg.source == "cache" else name)
+        return names
 
     def _teacher_fields(self, teacher: Teacher) -> list[str]:
         """The text fields a live teacher embeds: its caption languages for image-text pairs; for task samples
@@ -482,10 +927,18 @@ class Trainer:
         _set_rng_state(torch.load(ckpt / "optim.pt", weights_only=True)["rng"])
 
     def _load_history(self, stage: int, step: int) -> list[dict[str, Any]]:
+        """The logged rows up to the checkpoint at (``stage``, ``step``); a line a kill cut short is dropped."""
         path = self.output_dir / "metrics.jsonl"
         if not path.is_file():
             return []
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and {"stage_index", "step"} <= row.keys():
+                rows.append(row)
         return [r for r in rows if (r["stage_index"], r["step"]) <= (stage, step) or r["stage_index"] < stage]
 
     def _tensorboard(self):
@@ -547,10 +1000,13 @@ def _untie(weights: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _remove_checkpoint(path: Path) -> None:
+    """Rename, then delete: a kill while deleting leaves a ``.del-*`` folder (removed by the next run), never a
+    checkpoint folder with some of its files gone."""
+    trash = path.with_name(f".del-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _copy_logit_scale(student: DualEncoder, loss: WeightedLoss) -> None:

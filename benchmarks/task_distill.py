@@ -1,0 +1,364 @@
+"""CLIP-TD and MAD on the bundled task data: one table and ``runs/bench/task_distill.json``.
+
+For each task (``vqa``, ``entailment``, ``multiple_choice``), regime (``low_shot_1``: 1% of the training items,
+``low_shot_10``: 10%, ``domain_shift``: the held-out colour-shape combinations, ``full``) and seed, three methods
+fine-tune the same cross-modal student (``vilt-small``: the same tokenizer, trained once per task on its training
+texts, and the same initial weights per seed) for the same steps at the same batch size on the same training items:
+
+- ``no_kd``: the task loss alone (no teacher);
+- ``clip_td``: the task loss + ``clip_td`` from the frozen teacher (``recipes/cliptd-*.yaml``);
+- ``mad``: the teacher first adapted to the training items of the regime (``adapt:``, ``vldistill.train.mad``), then
+  ``clip_td`` from the adapted teacher.
+
+The seed sets the student's initialisation, the data order and the low-shot draw (``data.split.seed``), the same for
+the three methods, so ``gain`` (metric minus the same seed's ``no_kd``) is paired. Metrics on the bundled test split
+(under a domain shift, its held-out items only): VQA accuracy, entailment accuracy, multiple choice Q->A accuracy (the
+cross-modal student has one head that scores candidate answers; the bundled items' rationales (QA->R, and so Q->AR)
+would need a second model and are not measured). For MAD the teacher's zero-shot accuracy before and after
+adaptation is reported too (VQA and multiple choice; a similarity cannot answer entailment's "neutral").
+
+The teacher is the quickstart's reference teacher (trained once and cached in ``runs/teachers/``, shared with
+``vldistill quickstart`` and ``benchmarks/ablation.py``), or ``--teacher ID_OR_PATH``.
+
+Usage::
+
+    .venv/bin/python benchmarks/task_distill.py              # the full benchmark (sizes below)
+    .venv/bin/python benchmarks/task_distill.py --smoke      # tiny sizes, 1 seed, 2 tasks: under a minute
+    .venv/bin/python benchmarks/task_distill.py --tasks vqa --regimes low_shot_1 full --seeds 2
+
+Default sizes, chosen to fit in about 60 minutes on the 2-core CPU (estimated, not run: see ``ESTIMATE``): every
+training item of each task (VQA 38,575 questions, entailment 12,000 pairs, multiple choice 4,000 items; 1% of them
+is 385 / 120 / 40), 100 steps per run at batch 16 (VQA, entailment) or 8 (multiple choice: 4 candidates each), MAD's
+adaptation 50 steps at batch 32 (at most the regime's adaptation pairs), the first 500 test items of each task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vldistill import __version__
+from vldistill.config import RecipeConfig, SplitConfig, load_recipe
+from vldistill.data.sources import LabelledData, load_data, load_task_data
+from vldistill.data.splits import apply_split
+from vldistill.models import DualEncoder, as_teacher, load_teacher
+from vldistill.students import prepare_student
+from vldistill.tasks import get_task
+from vldistill.tasks.predict import task_predictor
+from vldistill.tokenization import train_wordpiece
+from vldistill.train.fit import fit_recipe, tokenizer_corpus
+from vldistill.train.mad import AdaptationPairs, zero_shot
+from vldistill.train.quickstart import reference_teacher_dir
+
+TASKS = {
+    "vqa": ("cliptd-vqa", "bundled:easyvqa-vqa"),
+    "entailment": ("cliptd-ve", "bundled:easyvqa-entailment"),
+    "multiple_choice": ("cliptd-mc", "bundled:easyvqa-mc"),
+}
+REGIMES = {
+    "low_shot_1": SplitConfig(low_shot=0.01),
+    "low_shot_10": SplitConfig(low_shot=0.1),
+    "domain_shift": SplitConfig(domain_shift="combos"),
+    "full": SplitConfig(),
+}
+METHODS = ("no_kd", "clip_td", "mad")
+HEADLINE = {"vqa": "accuracy", "entailment": "accuracy", "multiple_choice": "q2a"}
+
+DEFAULTS = {
+    "steps": 100,
+    "batch_size": {"vqa": 16, "entailment": 16, "multiple_choice": 8},
+    "adapt_steps": 50,
+    "adapt_batch_size": 32,
+    "train_limit": None,
+    "eval_limit": 500,
+    "seeds": 3,
+}
+# --smoke: a tiny student and teacher, two tasks, one seed, two steps: the whole pipeline in well under a minute.
+SMOKE = {
+    "steps": 2,
+    "batch_size": {"vqa": 4, "entailment": 4, "multiple_choice": 4},
+    "adapt_steps": 2,
+    "adapt_batch_size": 4,
+    "train_limit": 400,
+    "eval_limit": 96,
+    "seeds": 1,
+    "tasks": ["vqa", "multiple_choice"],
+}
+SMOKE_STUDENT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+SMOKE_TEACHER = {
+    "stages.0.steps": 2,
+    "train.batch_size": 16,
+    "student.overrides": {"vision.num_hidden_layers": 1, "text.num_hidden_layers": 1},
+    "train.progress": False,
+}
+ESTIMATE = """Estimated full run (not run; per-step timings on the shared 2-core CPU, see the README): about 60 min."""
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+class TaskData:
+    """One task's training and test items (loaded once) and its tokenizer; the regimes are cut from them."""
+
+    def __init__(self, task: str, train_limit: int | None, eval_limit: int | None, vocab_size: int):
+        self.task = task
+        kind_source = TASKS[task][1]
+        self.train = load_task_data(kind_source, task, split="train", limit=train_limit)
+        answers = self.train.answers or None
+        self.test = load_task_data(kind_source, task, split="test", limit=eval_limit, answers=answers)
+        self.tokenizer = train_wordpiece(tokenizer_corpus(LabelledData(self.train), []), vocab_size=vocab_size)
+
+    def regime(self, split: SplitConfig) -> tuple[LabelledData, LabelledData]:
+        """The training items of a regime and the test items it is evaluated on (under a domain shift, the
+        held-out ones only)."""
+        train = self.train
+        if split.low_shot is not None or split.domain_shift is not None:
+            train = apply_split(split, self.train, None)[0]
+        test = self.test
+        if split.domain_shift is not None:
+            test = apply_split(replace(split, low_shot=None), self.train, self.test)[1]
+        return LabelledData(train), LabelledData(test)
+
+
+# ------------------------------------------------------------------------------------------------------------ runs
+def run_config(
+    task: str, method: str, split: SplitConfig, seed: int, args: argparse.Namespace, teacher: str, n_pairs: int
+) -> RecipeConfig:
+    """The recipe of one run: ``recipes/cliptd-*.yaml`` at the benchmark's sizes, without the teacher for ``no_kd``,
+    with an ``adapt:`` section for ``mad``."""
+    recipe, _ = TASKS[task]
+    base = load_recipe(recipe)
+    overrides: dict[str, Any] = {
+        "data.split": {**_split_dict(split), "seed": seed},
+        "data.limit_train": args.train_limit,
+        "data.limit_eval": args.eval_limit,
+        "stages.0.steps": args.steps,
+        "train.batch_size": args.batch_size[task],
+        "train.warmup_steps": min(base.train.warmup_steps, max(args.steps // 10, 1)),
+        "train.seed": seed,
+        "train.progress": False,
+        "train.tensorboard": False,
+        "train.log_every": max(args.steps // 4, 1),
+        "train.output_dir": str(Path(args.output) / "task_distill" / task / args.regime_name / method / f"seed{seed}"),
+    }
+    if args.smoke:
+        overrides["student.overrides"] = SMOKE_STUDENT
+    if method == "no_kd":
+        overrides["teachers"] = []
+        overrides["stages.0.losses"] = [{"name": "task"}]
+    else:
+        overrides["teacher.name_or_path"] = teacher
+    if method == "mad":
+        overrides["adapt"] = {
+            "steps": args.adapt_steps,
+            "batch_size": min(args.adapt_batch_size, n_pairs),
+            "lr": 1e-4,
+            "warmup_steps": min(10, args.adapt_steps // 5),
+        }
+    return load_recipe(recipe, overrides)
+
+
+def _split_dict(split: SplitConfig) -> dict[str, Any]:
+    return {"low_shot": split.low_shot, "domain_shift": split.domain_shift, "hold_out": list(split.hold_out)}
+
+
+def run_one(
+    task: str,
+    method: str,
+    seed: int,
+    args: argparse.Namespace,
+    data: TaskData,
+    train: LabelledData,
+    test: LabelledData,
+    teacher_dir: str,
+    teacher,
+) -> dict[str, Any]:
+    """Train one method with one seed, evaluate it; returns the metric, the wall seconds and (MAD) the adapted
+    teacher's zero-shot metric."""
+    n_pairs = len(AdaptationPairs(train.dataset, task))
+    cfg = run_config(task, method, args.split, seed, args, teacher_dir, n_pairs)
+    shutil.rmtree(cfg.train.output_dir, ignore_errors=True)
+    start = time.perf_counter()
+    # The same initial student for the three methods (prepare_student seeds with train.seed) and one tokenizer.
+    student = prepare_student(cfg, tokenizer=data.tokenizer, answers=data.train.answers or None)
+    teachers = [] if method == "no_kd" else [teacher]
+    summary = fit_recipe(
+        cfg, teachers=teachers, student=student, train_data=train, evaluate_after=False, overwrite=True
+    )
+    predict = task_predictor(student, task)
+    metrics = get_task(task).evaluate(predict, test.dataset, batch_size=cfg.eval.batch_size)
+    out: dict[str, Any] = {"metric": metrics[HEADLINE[task]], "wall_seconds": time.perf_counter() - start}
+    if method == "mad" and task != "entailment":
+        adapted = as_teacher(DualEncoder.from_pretrained(summary["adapt"]["adapted_teacher"]))
+        after = zero_shot(adapted, cfg, test, data.train.answers)
+        out["teacher_zero_shot_after"] = after[HEADLINE[task]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ summaries
+def stats(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarise(runs: dict[str, dict[int, dict[str, Any]]], before: float | None, reason: str | None) -> dict:
+    """One regime's entry: per method the metric's mean and std, the gain over the same seed's ``no_kd`` (not for
+    ``no_kd`` itself) and the mean wall seconds; MAD also the teacher's zero-shot metric before / after."""
+    entry: dict[str, Any] = {}
+    base = runs.get("no_kd", {})
+    for method, per_seed in runs.items():
+        seeds = sorted(per_seed)
+        e: dict[str, Any] = {"metric": stats([per_seed[s]["metric"] for s in seeds])}
+        if method != "no_kd":
+            paired = [per_seed[s]["metric"] - base[s]["metric"] for s in seeds if s in base]
+            if paired:
+                e["gain"] = stats(paired)
+        e["wall_seconds"] = statistics.fmean(per_seed[s]["wall_seconds"] for s in seeds)
+        e["per_seed"] = {str(s): per_seed[s]["metric"] for s in seeds}
+        if method == "mad":
+            after = [per_seed[s]["teacher_zero_shot_after"] for s in seeds if "teacher_zero_shot_after" in per_seed[s]]
+            e["teacher_zero_shot"] = (
+                {"before": before, "after": stats(after)} if after else {"not_applicable": reason or "not measured"}
+            )
+        entry[method] = e
+    return entry
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Rows task / regime / method: metric, gain over no_kd (points, mean ± std) and whether it exceeds 2 std."""
+    header = ["task", "regime", "method", "metric %", "gain (points)", "> 2 std", "wall s", "teacher zero-shot"]
+    rows = []
+    for task, regimes in result.items():
+        if task == "setup":
+            continue
+        for regime, methods in regimes.items():
+            for method, e in methods.items():
+                m, g = e["metric"], e.get("gain")
+                gain = f"{100 * g['mean']:+.1f} ± {100 * g['std']:.1f}" if g else "-"
+                beyond = "-" if not g else ("yes" if abs(g["mean"]) > 2 * g["std"] and g["std"] > 0 else "no")
+                zs = e.get("teacher_zero_shot", {})
+                zs_text = (
+                    f"{100 * zs['before']:.1f} -> {100 * zs['after']['mean']:.1f}"
+                    if "after" in zs
+                    else ("n/a" if zs else "")
+                )
+                rows.append(
+                    [task, regime, method, f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}", gain, beyond,
+                     f"{e['wall_seconds']:.0f}", zs_text]
+                )  # fmt: skip
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------- the run
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None, metavar="TASK")
+    p.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES), metavar="REGIME")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD")
+    p.add_argument("--seeds", type=int, default=None, help=f"seeds 0..N-1 (default {DEFAULTS['seeds']})")
+    p.add_argument("--steps", type=int, default=None, help=f"steps per run (default {DEFAULTS['steps']})")
+    p.add_argument("--adapt-steps", type=int, default=None, help=f"MAD adaptation steps ({DEFAULTS['adapt_steps']})")
+    p.add_argument("--train-limit", type=int, default=None, help="training items per task (default: all)")
+    p.add_argument("--eval-limit", type=int, default=None, help=f"test items per task ({DEFAULTS['eval_limit']})")
+    p.add_argument("--teacher", default=None, help="hub id or directory of the teacher (default: the reference one)")
+    p.add_argument("--output", default="runs/bench", help="writes OUTPUT/task_distill.json (default: runs/bench)")
+    p.add_argument("--teacher-cache", default=None, help="reference teacher cache (runs/teachers; --smoke: OUTPUT)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 seed, 2 tasks: under a minute")
+    args = p.parse_args(argv)
+    sizes = {**DEFAULTS, **(SMOKE if args.smoke else {})}
+    for key in ("seeds", "steps", "adapt_steps", "train_limit", "eval_limit", "tasks"):
+        if getattr(args, key, None) is None:
+            setattr(args, key, sizes.get(key, list(TASKS)))
+    args.batch_size, args.adapt_batch_size = sizes["batch_size"], sizes["adapt_batch_size"]
+    if args.steps < 1 or args.seeds < 1 or args.adapt_steps < 1:
+        p.error("--steps, --adapt-steps and --seeds must be at least 1")
+    return args
+
+
+def get_teacher(args: argparse.Namespace) -> tuple[str, Any, str]:
+    """The teacher's directory or id, the loaded teacher and a description."""
+    if args.teacher:
+        return args.teacher, load_teacher(args.teacher), args.teacher
+    cache = Path(args.teacher_cache or (Path(args.output) / "teachers" if args.smoke else "runs/teachers"))
+    pairs = load_data("bundled:easyvqa", "train", ["en"], limit=256 if args.smoke else None)
+    overrides = {"train.seed": 0, **(SMOKE_TEACHER if args.smoke else {})}
+    path, _ = reference_teacher_dir(pairs, overrides, False, cache)
+    return str(path), load_teacher(path), f"reference teacher (recipes/reference-teacher.yaml): {path}"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    out = Path(args.output)
+    teacher_dir, teacher, teacher_name = get_teacher(args)
+    result: dict[str, Any] = {}
+    setup: dict[str, Any] = {
+        "seeds": list(range(args.seeds)),
+        "teacher": teacher_name,
+        "student": "vilt-small" + (" (smoke: hidden 32 x 1 layer)" if args.smoke else ""),
+        "steps": args.steps,
+        "batch_size": {t: args.batch_size[t] for t in args.tasks},
+        "adapt": {"steps": args.adapt_steps, "batch_size": args.adapt_batch_size, "lr": 1e-4},
+        "regimes": {r: _split_dict(REGIMES[r]) for r in args.regimes},
+        "metric": {t: HEADLINE[t] for t in args.tasks},
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
+        "smoke": args.smoke,
+        "command": " ".join(["python benchmarks/task_distill.py", *(argv if argv is not None else sys.argv[1:])]),
+        "vldistill": __version__,
+        "train_items": {},
+        "eval_items": {},
+    }
+    for task in args.tasks:
+        data = TaskData(task, args.train_limit, args.eval_limit, load_recipe(TASKS[task][0]).student.vocab_size)
+        setup["train_items"][task], setup["eval_items"][task] = len(data.train), len(data.test)
+        for regime in args.regimes:
+            args.split, args.regime_name = REGIMES[regime], regime
+            runs: dict[str, dict[int, dict[str, Any]]] = {}
+            before, reason = None, None
+            for seed in range(args.seeds):
+                train, test = data.regime(replace(args.split, seed=seed))
+                if seed == 0 and "mad" in args.methods:
+                    cfg = load_recipe(TASKS[task][0], {"eval.batch_size": 64})
+                    zs = zero_shot(teacher, cfg, test, data.train.answers)
+                    before, reason = zs.get(HEADLINE[task]), zs.get("not_applicable")
+                for method in args.methods:
+                    r = run_one(task, method, seed, args, data, train, test, teacher_dir, teacher)
+                    runs.setdefault(method, {})[seed] = r
+                    print(
+                        f"[task_distill] {task} {regime} {method} seed {seed}: {100 * r['metric']:.1f} "
+                        f"({r['wall_seconds']:.0f} s; {len(train.dataset)} training items)",
+                        flush=True,
+                    )
+            result.setdefault(task, {})[regime] = summarise(runs, before, reason)
+            setup["total_wall_seconds"] = round(time.perf_counter() - start, 1)
+            write(out, {**result, "setup": setup})  # after every regime: an interrupted run keeps what it has
+    setup["total_wall_seconds"] = round(time.perf_counter() - start, 1)
+    final = {**result, "setup": setup}
+    write(out, final)
+    print("\n" + format_table(final) + "\n", flush=True)
+    print(f"[task_distill] wrote {out / 'task_distill.json'} in {setup['total_wall_seconds']:.0f} s", flush=True)
+    return final
+
+
+def write(out: Path, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".task_distill.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / "task_distill.json")
+
+
+if __name__ == "__main__":
+    main()
