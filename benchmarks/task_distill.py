@@ -26,10 +26,17 @@ Usage::
     .venv/bin/python benchmarks/task_distill.py --smoke      # tiny sizes, 1 seed, 2 tasks: under a minute
     .venv/bin/python benchmarks/task_distill.py --tasks vqa --regimes low_shot_1 full --seeds 2
 
-Default sizes, chosen to fit in about 60 minutes on the 2-core CPU (estimated, not run: see ``ESTIMATE``): every
+Default sizes, chosen to fit in about 60 minutes on the 2-core CPU (estimated, the full run was not made): every
 training item of each task (VQA 38,575 questions, entailment 12,000 pairs, multiple choice 4,000 items; 1% of them
-is 385 / 120 / 40), 100 steps per run at batch 16 (VQA, entailment) or 8 (multiple choice: 4 candidates each), MAD's
-adaptation 50 steps at batch 32 (at most the regime's adaptation pairs), the first 500 test items of each task.
+is 385 / 120 / 40), 50 steps per run at batch 16 (VQA, entailment) or 8 (multiple choice: 4 candidates each), MAD's
+adaptation 20 steps at batch 32 (at most the regime's adaptation pairs), the first 300 test items of each task, one
+CPU thread (``--threads``). The estimate, from steps timed with one thread while three other jobs loaded the two
+cores (load average about 6), per step: VQA 0.20 s without the teacher and 0.39 s with it (batch 16), multiple choice
+0.28 / 0.54 s (batch 8), entailment about 0.20 / 0.32 s, MAD's adaptation 1.06 s (batch 32): per seed and regime
+about 90 s (VQA), 77 s (entailment) and 113 s (multiple choice) with evaluation and saving, 56 minutes for the
+36 of them, about 58 with loading the data and the teacher's zero-shot evaluation; add about 5 minutes when the
+reference teacher is not cached yet. On an idle machine it should be faster; two threads on a busy machine were
+about 6 times slower per step than one, hence ``--threads 1``.
 """
 
 from __future__ import annotations
@@ -77,12 +84,12 @@ METHODS = ("no_kd", "clip_td", "mad")
 HEADLINE = {"vqa": "accuracy", "entailment": "accuracy", "multiple_choice": "q2a"}
 
 DEFAULTS = {
-    "steps": 100,
+    "steps": 50,
     "batch_size": {"vqa": 16, "entailment": 16, "multiple_choice": 8},
-    "adapt_steps": 50,
+    "adapt_steps": 20,
     "adapt_batch_size": 32,
     "train_limit": None,
-    "eval_limit": 500,
+    "eval_limit": 300,
     "seeds": 3,
 }
 # --smoke: a tiny student and teacher, two tasks, one seed, two steps: the whole pipeline in well under a minute.
@@ -103,7 +110,6 @@ SMOKE_TEACHER = {
     "student.overrides": {"vision.num_hidden_layers": 1, "text.num_hidden_layers": 1},
     "train.progress": False,
 }
-ESTIMATE = """Estimated full run (not run; per-step timings on the shared 2-core CPU, see the README): about 60 min."""
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -276,6 +282,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher", default=None, help="hub id or directory of the teacher (default: the reference one)")
     p.add_argument("--output", default="runs/bench", help="writes OUTPUT/task_distill.json (default: runs/bench)")
     p.add_argument("--teacher-cache", default=None, help="reference teacher cache (runs/teachers; --smoke: OUTPUT)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: see the docstring)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 seed, 2 tasks: under a minute")
     args = p.parse_args(argv)
     sizes = {**DEFAULTS, **(SMOKE if args.smoke else {})}
@@ -283,8 +290,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, sizes.get(key, list(TASKS)))
     args.batch_size, args.adapt_batch_size = sizes["batch_size"], sizes["adapt_batch_size"]
-    if args.steps < 1 or args.seeds < 1 or args.adapt_steps < 1:
-        p.error("--steps, --adapt-steps and --seeds must be at least 1")
+    if args.steps < 1 or args.seeds < 1 or args.adapt_steps < 1 or args.threads < 1:
+        p.error("--steps, --adapt-steps, --seeds and --threads must be at least 1")
     return args
 
 
@@ -301,6 +308,15 @@ def get_teacher(args: argparse.Namespace) -> tuple[str, Any, str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _main(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(args.output)
     teacher_dir, teacher, teacher_name = get_teacher(args)
@@ -314,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "adapt": {"steps": args.adapt_steps, "batch_size": args.adapt_batch_size, "lr": 1e-4},
         "regimes": {r: _split_dict(REGIMES[r]) for r in args.regimes},
         "metric": {t: HEADLINE[t] for t in args.tasks},
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads ({args.threads} used), torch "
+        f"{torch.__version__}",
         "smoke": args.smoke,
         "command": " ".join(["python benchmarks/task_distill.py", *(argv if argv is not None else sys.argv[1:])]),
         "vldistill": __version__,

@@ -12,9 +12,10 @@ Measures, on the same rows and batch size:
   S  student training step with no teacher (contrastive loss)
   O  distillation with the live teacher (the dcclip recipe's stage-1 losses: fd image, fd text, xling)
   C  the same distillation from the cache
-and the peak resident memory (``ru_maxrss``) of two fresh processes running the same distillation for a few steps:
-one from a cache padded to at least ``--cache-gb`` GB (extra per-row bytes that training never reads), one with the
-live teacher and no cache. Prints a table and writes ``runs/bench/throughput.json``.
+and the peak resident memory (``VmHWM`` from ``/proc/self/status``, see ``benchmarks/memory.py``; not ``ru_maxrss``,
+which a child inherits from its parent across exec) of two fresh processes running the same distillation for a few
+steps: one from a cache padded to at least ``--cache-gb`` GB (extra per-row bytes that training never reads), one with
+the live teacher and no cache. Prints a table and writes ``runs/bench/throughput.json``.
 
 Teacher: ``--teacher`` (hub id or directory); by default the quickstart's trained reference teacher if
 ``runs/teachers/`` has one, else the same architecture untrained (throughput does not depend on the weights).
@@ -29,9 +30,7 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,9 @@ from vldistill.students import STUDENTS, build_student
 from vldistill.tokenization import train_wordpiece
 from vldistill.train.fit import tokenizer_corpus
 from vldistill.train.loop import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import report_peak, run_measured  # benchmarks/memory.py: the honest peak RSS
 
 LANGS = ["en", "zh"]
 TEACHER_LANGS = ["en"]
@@ -173,8 +175,7 @@ def peak_rss(args: argparse.Namespace, mode: str, spec: dict[str, Any]) -> float
     cmd += ["--data", args.data, "--split", args.split, "--limit", str(args.limit), "--work-dir", args.work_dir]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["maxrss_mb"]
+    return run_measured(cmd)["peak_rss_mb"]
 
 
 def rss_child(args: argparse.Namespace) -> None:
@@ -191,7 +192,7 @@ def rss_child(args: argparse.Namespace) -> None:
     else:
         cfg = recipe(args, out, distill_losses(), {"name_or_path": spec["teacher"]}, spec["steps"])
         Trainer(cfg, student, data, [load_teacher(spec["teacher"], languages=TEACHER_LANGS)]).fit(overwrite=True)
-    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    report_peak()  # VmHWM: this process's own peak, not the parent's carried over by exec
 
 
 # ---------------------------------------------------------------------------------------------------------- run

@@ -158,9 +158,12 @@ def test_mad_on_entailment_adapts_on_entailed_hypotheses_only_and_has_no_zero_sh
     out = tmp_path / "mad-ve"
     data = ["--data.train", BUNDLED["entailment"], "--data.eval", BUNDLED["entailment"], "--data.task", "entailment"]
     args = ["fit", "mad-vqa", "--tiny", "--teacher", str(teacher_dir), "--output", str(out), *data, *QUIET]
-    assert main([*args, "--adapt.batch_size", "4"]) == 0
+    assert main([*args, "--adapt.batch_size", "4", "--baseline"]) == 0
     adapt = json.loads((out / "adapt.json").read_text())
     assert adapt["field"] == "hypothesis"
+    result = json.loads((out / "eval.json").read_text())  # --baseline: the same student without any teacher
+    assert 0.0 <= result["baseline"]["accuracy"] <= 1.0 and "accuracy" in result["gain_points"]
+    assert "clip_td" not in read_metrics(out / "baseline")[-1]
     train = load_task_data(BUNDLED["entailment"], "entailment", split="train", limit=64)
     entailed = sum(s.label == 0 for s in train.samples)
     assert 0 < adapt["pairs"] < entailed  # the entailed ones of the low-shot half

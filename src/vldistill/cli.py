@@ -95,10 +95,27 @@ def _cmd_cache(args: argparse.Namespace, extra: list[str]) -> int:
             "data": {"train": args.data, "eval": None, "languages": args.languages or t_langs},
         }
         cfg = load_recipe(raw=raw, overrides=overrides)
+    rank = _join_processes()  # under torchrun / accelerate launch: the processes build one cache together
     summary = cache_recipe(cfg, directory=args.output, rebuild=args.rebuild)
     summary["use_with"] = {"teacher.source": "cache", "teacher.cache": summary["cache"]}
-    print(json.dumps(summary, indent=2))
+    if rank == 0:
+        print(json.dumps(summary, indent=2))
     return 0
+
+
+def _join_processes() -> int:
+    """This process's rank, after joining the process group of a multi-process launch (``WORLD_SIZE`` > 1: gloo on
+    CPUs, NCCL on GPUs, one GPU per process by ``LOCAL_RANK``); 0 on one process."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not torch.distributed.is_initialized():
+        gpu = torch.cuda.is_available()
+        if gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if gpu else "gloo")
+    return torch.distributed.get_rank()
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -176,6 +193,37 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export.onnx import export_onnx
+
+    if args.format != "onnx":
+        raise ConfigError(f"--format {args.format!r}: only onnx is supported")
+    suffix = "onnx-int8" if args.quantize else "onnx"
+    output = Path(args.output) if args.output else Path(args.model) / suffix
+    out = export_onnx(args.model, output, quantize=args.quantize)
+    print(json.dumps({"model": args.model, "output": str(out), "quantize": args.quantize or "none"}, indent=2))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .train.report import report_run
+
+    written = report_run(args.run_dir, args.output)
+    print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
+    return 0
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' and the hub's progress bars and warnings (loading bars, "some weights were not
+    initialised" notes) so that vldistill's own progress reads cleanly; ``--verbose`` keeps them."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from . import __version__
     from .config import RECIPES
@@ -208,6 +256,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vldistill", description="Vision-language knowledge distillation on Hugging Face models."
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep transformers' loading progress bars and warnings (quiet by default); before or after the command",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -263,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("recipe", nargs="?", help="recipe YAML or name (optional: or give --teacher and --data)")
     c.add_argument("--teacher", action="append", help="hub id or directory of a teacher (repeat for several)")
-    c.add_argument("--data", help="training data: bundled:easyvqa, a .jsonl/.csv manifest, or hf:NAME")
+    c.add_argument(
+        "--data", help="training data: bundled:easyvqa, a .jsonl/.csv manifest, hf:NAME, or wds:SHARDS/{0000..0099}.tar"
+    )
     c.add_argument("--split", default=None, help="split for hf: and bundled data (default: train)")
     c.add_argument("--limit", type=int, default=None, help="cache only the first N training samples")
     c.add_argument("--languages", nargs="+", default=None, help="caption languages of the data (default: teacher's)")
@@ -336,34 +391,64 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-beams", type=int, default=None, help="beam search width (default: the recipe's)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="longest output (default: the recipe's)")
 
+    x = sub.add_parser(
+        "export",
+        help="export a saved dual encoder (student or teacher) as ONNX towers for onnxruntime",
+        description="Write the image tower and the text tower as ONNX models with a dynamic batch size, runnable with "
+        "onnxruntime alone, with the tokenizer and the image-preprocessing settings (vldistill_onnx.json); "
+        "--quantize int8 stores the towers' weights as int8 (onnxruntime dynamic quantisation).",
+        epilog="Example: vldistill export --model runs/quickstart/student --format onnx --quantize int8",
+    )
+    x.add_argument("--model", required=True, help="directory or hub id of a dual encoder")
+    x.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
+    x.add_argument("--quantize", choices=["int8"], default=None, help="int8: dynamic quantisation of the weights")
+    x.add_argument("--output", help="output directory (default: MODEL/onnx, or MODEL/onnx-int8)")
+
+    r = sub.add_parser(
+        "report",
+        help="write report.md, report.html and pictures for a fit run",
+        description="Read a vldistill fit run (config.json, metrics.jsonl, eval.json, the exported student, its "
+        "baseline and teacher) and draw each loss term on its own axis, the accuracies per language, per-class "
+        "accuracy and test images with each model's prediction, into report.md + PNGs and one report.html.",
+    )
+    r.add_argument("run_dir", help="the run's output directory (train.output_dir)")
+    r.add_argument("--output", help="where to write the report (default: RUN_DIR)")
+
     i = sub.add_parser("info", help="list registered teachers, students, losses, recipes and datasets")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
 def _one_process(command: str) -> None:
-    """Only ``fit`` trains on several processes; the other commands would each do (and write) the same work."""
+    """Only ``fit`` and ``cache`` run on several processes; the other commands would each do (and write) the same
+    work."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         raise ConfigError(
             f"vldistill {command} runs on one process, but this is one of {world} (WORLD_SIZE): run it without "
-            "torchrun / accelerate launch (only vldistill fit trains on several processes)"
+            "torchrun / accelerate launch (only vldistill fit and vldistill cache run on several processes)"
         )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv  # global: accepted before or after the command
+    argv = [a for a in argv if a != "--verbose"]
     args, extra = parser.parse_known_args(argv)
+    if not verbose:
+        quiet_transformers()
     if extra and not (args.command == "fit" or (args.command == "cache" and args.recipe)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if args.command in ("quickstart", "cache", "eval", "generate"):
+        if args.command in ("quickstart", "eval", "generate", "export", "report"):
             _one_process(args.command)
         if args.command == "fit":
             return _cmd_fit(args, extra)
         if args.command == "cache":
             return _cmd_cache(args, extra)
         commands = {"quickstart": _cmd_quickstart, "eval": _cmd_eval, "info": _cmd_info, "generate": _cmd_generate}
+        commands.update(export=_cmd_export, report=_cmd_report)
         return commands[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"vldistill {args.command}: error: {err}", file=sys.stderr)

@@ -7,7 +7,8 @@ trains through :class:`CachedTeachers`, a drop-in ``TeacherSource``: no teacher 
 
 Where things are: :mod:`.identity` (teacher identity, the manifest, :class:`CacheError`), :mod:`.fingerprint` (text
 fields and the dataset fingerprint), :mod:`.views` (augmented views), :mod:`.build` (build and resume),
-:mod:`.extend` (adding a teacher), :mod:`.writer` (computing and writing shards), :mod:`.read`
+:mod:`.extend` (adding a teacher), :mod:`.writer` (computing and writing shards), :mod:`.distributed` (one cache
+built by several processes), :mod:`.read`
 (:class:`CachedTeachers`), :mod:`.recipe` (a recipe's cache).
 
 A cache is a directory::

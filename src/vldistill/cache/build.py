@@ -14,9 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import __version__
 from ..config import CacheConfig
 from ..models import Teacher
+from .distributed import all_gather, build_together, clear_records, local_device, plan_build, records, share, world
 from .extend import add_teachers
 from .fingerprint import dataset_digests, fingerprint
 from .identity import (
@@ -47,6 +50,7 @@ def build_cache(
     progress: bool = True,
     pad_bytes: int = 0,
     replace: bool = False,
+    _alone: bool = False,
 ) -> dict[str, Any]:
     """Run ``teachers`` once over ``dataset`` and write their outputs to a cache in ``directory``.
 
@@ -73,6 +77,11 @@ def build_cache(
         pad_bytes: benchmarks only: this many extra bytes per row (a ``pad`` tensor no run reads).
         replace: replace a cache built from other teachers, data or settings; reuse (and repair) a matching one.
 
+    On several processes (``torch.distributed`` initialised: ``torchrun``, ``accelerate launch``) every process
+    calls it with the same arguments and they build one cache together (:mod:`.distributed`): each hashes a share of
+    the rows and computes a disjoint set of shards; process 0 writes the manifest once, when every shard is whole.
+    Teachers on the CPU are moved to the process's GPU (``cuda:LOCAL_RANK``) when there is one.
+
     Returns:
         A summary: directory, rows, shards, bytes, rows built by this call, seconds and samples per second; with
         ``repaired``, the shards this call recomputed and why.
@@ -81,10 +90,53 @@ def build_cache(
     directory = Path(directory)
     teachers = list(teachers)
     identities = list(identities) if identities is not None else [teacher_identity(t) for t in teachers]
+    rank, size = (0, 1) if _alone else world()
+    device = local_device()
+    if device.type == "cuda":
+        teachers = [t.to(device) if t.device.type == "cpu" else t for t in teachers]
     digest_fields = sorted({name for names in fields for name in names})
-    digests = dataset_digests(dataset, digest_fields)
+    if size > 1:  # each process hashes its share of the rows; all get every digest
+        shares = all_gather(dataset_digests(dataset, digest_fields, share(len(dataset), rank, size)))
+        digests = np.concatenate(shares)
+    else:
+        digests = dataset_digests(dataset, digest_fields)
     header = _header(teachers, fields, identities, dataset, digests, digest_fields, options, pad_bytes)
     views = view_params(digests, header["augmentation"])
+    args = (directory, teachers, dataset, fields, identities, options, rebuild, progress, pad_bytes, replace)
+    if size == 1 and (_alone or not (directory.is_dir() and records(directory))):
+        plan = _prepare(*args, digests, digest_fields, header, views)
+        if "build" not in plan:
+            return plan
+        return run_build(directory, teachers, dataset, fields, digests, views, plan["build"], options, progress)
+
+    def prepare() -> dict[str, Any]:  # process 0 alone
+        plan = _prepare(*args, digests, digest_fields, header, views)
+        if "build" not in plan:
+            clear_records(directory)
+            return plan
+        return plan_build(directory, plan["build"], len(digests))
+
+    return build_together(directory, prepare, teachers, dataset, fields, digests, views, options, progress)
+
+
+def _prepare(
+    directory,
+    teachers,
+    dataset,
+    fields,
+    identities,
+    options,
+    rebuild,
+    progress,
+    pad_bytes,
+    replace,
+    digests,
+    digest_fields,
+    header,
+    views,
+) -> dict[str, Any]:
+    """Read and check the directory's cache: a summary when nothing is left to build (reused, repaired or extended
+    here, on this process alone), else ``{"build": manifest}`` with the complete shards listed."""
     try:
         manifest = read_manifest(directory)
     except CacheError:
@@ -115,7 +167,7 @@ def build_cache(
                 return done
             # that finished an interrupted addition; now add the rest
             return build_cache(
-                directory, teachers, dataset, fields, identities, options, False, progress, pad_bytes, replace
+                directory, teachers, dataset, fields, identities, options, False, progress, pad_bytes, replace, True
             )
     if manifest is not None:
         order = [k for k in header if k != "teachers"] + ["teachers"]  # name data and settings before teachers
@@ -137,15 +189,19 @@ def build_cache(
     for stale in directory.glob(".*.tmp"):  # a shard being written when the last build was killed
         stale.unlink()
     if manifest is None:
+        clear_records(directory)
         rows = options.shard_rows or auto_shard_rows(teachers, dataset, header, fields, views)
         manifest = {**header, "vldistill": __version__, "shard_rows": rows, "shards": [], "complete": False}
+        if hasattr(dataset, "shard_fingerprint"):  # tar shards: opening the cache compares these, not every row
+            manifest["source_shards"] = dataset.shard_fingerprint()
         write_json(directory / MANIFEST, manifest)
     manifest["shards"] = _valid_prefix(directory, manifest["shards"])
-    return run_build(directory, teachers, dataset, fields, digests, views, manifest, options, progress)
+    return {"build": manifest}
 
 
 def _clear(directory: Path) -> None:
     """Delete a cache's own files (and nothing else a user may keep in the directory)."""
+    clear_records(directory)
     for path in [directory / MANIFEST, *directory.glob("shard-*.safetensors"), *directory.glob(".*.tmp")]:
         path.unlink(missing_ok=True)
 

@@ -81,10 +81,11 @@ def sample_digest(sample: Any, fields: Sequence[str]) -> bytes:
     return h.digest()
 
 
-def dataset_digests(dataset, fields: Sequence[str]) -> np.ndarray:
+def dataset_digests(dataset, fields: Sequence[str], rows: Sequence[int] | None = None) -> np.ndarray:
     """``[N, 16]`` uint8: the digest of every row of a dataset of :mod:`vldistill.data` (a
     :class:`~vldistill.data.PairDataset`, a ``TaskDataset``: their ``samples`` are hashed) or of any dataset of raw
-    item dicts (whose decoded pixels are hashed), over the texts of ``fields``."""
+    item dicts (whose decoded pixels are hashed), over the texts of ``fields``; with ``rows``, of those rows only
+    (one process's share of a multi-process build)."""
     samples = getattr(dataset, "samples", None)
     languages = getattr(dataset, "languages", None)
     if languages is not None:
@@ -99,8 +100,13 @@ def dataset_digests(dataset, fields: Sequence[str]) -> np.ndarray:
             f"fields: the cache has the text fields {missing}, which the training data lacks (its samples have "
             f"{sorted(have) if languages is None else languages})"
         )
+    row_digests = getattr(dataset, "row_digests", None)
+    if row_digests is not None:  # tar shards: members read by offset, nothing decoded, nothing held
+        return row_digests(fields, rows)
     if samples is None:
-        samples = [_ItemSample(dataset[i]) for i in range(len(dataset))]
+        samples = [_ItemSample(dataset[i]) for i in (range(len(dataset)) if rows is None else rows)]
+    elif rows is not None:
+        samples = [samples[i] for i in rows]
     if len(samples) >= 256:  # hashing releases the GIL: threads pay off on many files
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
             digests = list(pool.map(lambda s: sample_digest(s, fields), samples))

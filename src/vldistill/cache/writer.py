@@ -98,10 +98,13 @@ def run_build(
     progress,
     column: int | None = None,
     shards: Sequence[int] | None = None,
+    record: bool = False,
 ) -> dict[str, Any]:
     """Compute ``teachers`` over the shards not yet written and write them. With ``column`` (adding teachers to a
     complete cache, ``manifest["extending"]``) their outputs go to columns ``t{column}``, ``t{column + 1}``, ...
-    of the existing shards instead. With ``shards``, those shards (damaged ones) are computed again and replaced."""
+    of the existing shards instead. With ``shards``, those shards (damaged ones) are computed again and replaced.
+    With ``record`` (one process of several, :mod:`.distributed`), each shard written is recorded beside it in
+    ``shard-NNNNN.json`` and the manifest is left alone: process 0 writes it once every shard is whole."""
     n, per_shard, bs = len(digests), manifest["shard_rows"], options.batch_size
     adding = column is not None
     first = manifest["extending"]["shards_done"] if adding else len(manifest["shards"])
@@ -148,11 +151,13 @@ def run_build(
                         tensors["views"] = torch.from_numpy(views[start:end].copy())
                     if manifest["pad_bytes"]:
                         tensors["pad"] = torch.zeros(end - start, manifest["pad_bytes"], dtype=torch.uint8)
-                    pending = writer.submit(_write_shard, directory, manifest, shard_index, start, tensors)
+                    pending = writer.submit(_write_shard, directory, manifest, shard_index, start, tensors, record)
                 position, buffers, filled = position + 1, {}, 0
         if pending is not None:
             pending.result()
     bar.close()
+    if record:
+        return {"built_rows": built, "seconds": time.perf_counter() - start_time}
     manifest.pop("extending", None)
     manifest["complete"] = True
     write_json(directory / MANIFEST, manifest)
@@ -197,12 +202,19 @@ def _check_finite(out: Embeddings, entry: dict[str, Any], index: Tensor) -> None
             )
 
 
-def _write_shard(directory: Path, manifest: dict[str, Any], index: int, start: int, tensors: dict[str, Tensor]):
+def _write_shard(
+    directory: Path, manifest: dict[str, Any], index: int, start: int, tensors: dict[str, Tensor], record: bool = False
+):
     name = f"shard-{index:05d}.safetensors"
     tmp = directory / f".{name}.tmp"
     digest = save_safetensors(tensors, directory / name, metadata={"format": FORMAT}, tmp=tmp)
     rows = len(tensors["row_key"])
     entry = {"file": name, "start": start, "rows": rows, "bytes": (directory / name).stat().st_size, "sha256": digest}
+    if record:  # one process of several: recorded beside the shard, listed in the manifest at the end
+        from .distributed import write_record
+
+        write_record(directory, index, entry, manifest["dataset"]["fingerprint"])
+        return
     if index < len(manifest["shards"]):  # a damaged shard, recomputed
         manifest["shards"][index] = entry
     else:

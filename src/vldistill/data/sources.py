@@ -21,6 +21,7 @@ from .easyvqa import load_easyvqa
 from .easyvqa_tasks import easyvqa_entailment, easyvqa_mc, easyvqa_vqa
 from .pairs import DataError, PairDataset, load_hf_dataset, load_manifest
 from .tasks import TaskDataset, load_task_hf, load_task_manifest
+from .webdataset import TarPairs, is_tar_spec
 
 DATASETS = Registry("dataset")
 
@@ -130,15 +131,20 @@ def load_data(
                 skip_bad=skip_bad,
                 image_root_only=image_root_only,
             )
+        elif is_tar_spec(spec):  # webdataset tar shards: read by offset, images decoded per item
+            dataset = TarPairs(spec, language=(list(languages) if languages else ["en"])[0], limit=limit)
         elif Path(spec).suffix.lower() in (".jsonl", ".csv", ".tsv"):
             dataset = load_manifest(
                 spec, image_root=image_root, languages=languages, skip_bad=skip_bad, image_root_only=image_root_only
             )
         else:
-            raise DataError(f"data spec {spec!r}: expected bundled:NAME, a .jsonl/.csv manifest, or hf:NAME_OR_PATH")
-        if skip_bad and dataset.skipped:
+            raise DataError(
+                f"data spec {spec!r}: expected bundled:NAME, a .jsonl/.csv manifest, hf:NAME_OR_PATH, or webdataset "
+                "tar shards (wds:PATH, PATH.tar, {00000..00099}.tar)"
+            )
+        if skip_bad and getattr(dataset, "skipped", 0):
             print(dataset.summary(), flush=True)
-        if limit is not None and limit < len(dataset):
+        if limit is not None and limit < len(dataset) and isinstance(dataset, PairDataset):
             dataset = PairDataset(dataset.samples[:limit], languages=dataset.languages, source=dataset.source)
         data = LabelledData(dataset)
     if classnames:

@@ -21,6 +21,7 @@ from ..config import ConfigError, DataConfig, EvalConfig, RecipeConfig, load_rec
 from ..data.sources import LabelledData, load_data, load_task_data
 from ..data.splits import apply_split
 from ..evaluation import agreement, evaluate, mean_cosine
+from ..export.card import write_student_card
 from ..files import disk_errors, follow_umask
 from ..models import DualEncoder, Teacher, load_teacher, prepare_teachers
 from ..students import load_student, prepare_student
@@ -167,7 +168,7 @@ def _fit_owned(
         from .mad import fit_mad
 
         return fit_mad(
-            cfg, resume, teachers, student, train_data, eval_data, evaluate_after, teacher_source=teacher_source
+            cfg, resume, teachers, student, train_data, eval_data, evaluate_after, teacher_source, baseline=baseline
         )
     train_data = train_data or load_train_data(cfg.data)
     cached = any(t.source == "cache" for t in cfg.teachers)
@@ -221,6 +222,8 @@ def _fit_owned(
         from .vlkd import write_teacher_card
 
         write_teacher_card(export_dir, cfg, teachers)
+    card = {"teachers": teachers, "train_size": len(train_data.dataset)}  # the model card: README.md of the export
+    write_student_card(export_dir, cfg, student, **card)
     skipped = getattr(train_data.dataset, "skipped", 0)
     if skipped:  # its summary was printed once, when the data was read
         summary["skipped_rows"] = skipped
@@ -243,6 +246,7 @@ def _fit_owned(
             summary["eval"] = {"teacher": summary["eval"].pop("student"), **summary["eval"]}
         print(format_comparison(summary["eval"]), flush=True)
         (result.output_dir / "eval.json").write_text(json.dumps(summary["eval"], indent=2, ensure_ascii=False))
+        write_student_card(export_dir, cfg, student, eval_result=summary["eval"], **card)  # now with its numbers
     return summary
 
 

@@ -273,13 +273,19 @@ def gather_outputs(out: StepOutputs) -> StepOutputs:
     own process, so after DDP's averaging the gradients equal a single process's. Token features stay local (their
     lengths differ between shards): token-level ``fd`` becomes the mean of the shards' means, which equals the
     whole batch's for image tokens; for text tokens, whose padding is masked, the shards' token counts may differ, so
-    it is close to the single-process value but not exact. One process: unchanged."""
-    if process_shard()[1] == 1:
+    it is close to the single-process value but not exact. One process: unchanged.
+
+    A student with outputs of its own kind (``extra``: a task head, token states, an LM loss) keeps everything local:
+    its losses are per sample (``task``, ``clip_td``, ``lm``), so each shard's mean, averaged by DDP, is the whole
+    batch's mean; an in-batch contrastive term of such a student (VLKD's ``itcl``) then sees its shard's negatives
+    only."""
+    if process_shard()[1] == 1 or out.student.extra:
         return out
     return StepOutputs(
         student=_gather_pooled(out.student),
         teachers=[_gather_pooled(t) for t in out.teachers],
         groups={lang: _all_gather(g) for lang, g in out.groups.items()},
+        targets={k: _all_gather(t) for k, t in out.targets.items()},
     )
 
 

@@ -203,9 +203,11 @@ def fit_mad(
     eval_data: LabelledData | None = None,
     evaluate_after: bool = True,
     teacher_source: TeacherSource | None = None,
+    baseline: bool = False,
 ) -> dict[str, Any]:
     """MAD end to end: adapt the first teacher (``cfg.adapt``), report its zero-shot accuracy before and after, then
-    ``fit_recipe`` with the adapted teacher. The arguments are ``fit_recipe``'s; ``teachers`` are the original ones.
+    ``fit_recipe`` with the adapted teacher. The arguments are ``fit_recipe``'s; ``teachers`` are the original ones;
+    ``baseline`` also trains the student without any teacher (``vldistill fit --baseline``).
 
     Returns ``fit_recipe``'s summary with ``adapt``: the adaptation's summary and ``zero_shot`` ``{"before",
     "after"}`` (also written to ``OUTPUT_DIR/adapt.json``).
@@ -247,6 +249,7 @@ def fit_mad(
         train_data=train_data,
         eval_data=eval_data,
         evaluate_after=evaluate_after,
+        baseline=baseline,
     )
     result["adapt"] = summary
     if main:

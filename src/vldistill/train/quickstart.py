@@ -31,10 +31,12 @@ from ..config import load_recipe, to_dict
 from ..data.sources import LabelledData, load_data
 from ..data.splits import paired_indices
 from ..evaluation import agreement, evaluate
+from ..export.card import write_student_card
 from ..models import DualEncoder, Teacher, load_teacher
 from ..students import load_student, prepare_student
 from ..tokenization import train_wordpiece
 from .fit import EVAL_BATCH_SIZE, adapted_cosine, baseline_config, fit_recipe, image_ms_per_image, tokenizer_corpus
+from .report import write_report
 
 # --fast: the same pipeline on a smaller slice, for tests and a first look (< 2 minutes).
 FAST_DATA = {"data.limit_train": 768, "data.limit_eval": 200}
@@ -145,13 +147,17 @@ def run_quickstart(
     results["targets"] = target_check(results)
     results["summary"] = summary_sentence(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    card_eval = {k: {m: results[k][m] for m in ("zeroshot", "retrieval")} for k in ("student", "teacher", "baseline")}
+    card = {"teachers": [t_model], "train_size": len(train.dataset), "paired_size": n_paired}
+    write_student_card(out / "student", s_cfg, student, eval_result=card_eval, **card)  # its model card, README.md
     histories = {
         "teacher": t_history,
         "student (distilled)": _rows(distill),
         "baseline": _rows({"output_dir": str(Path(distill["baseline_dir"]).parent)}),
         "all pairs, no teacher": _rows(everything),
     }
-    write_report(out, results, histories)
+    models = {"teacher": t_model, "student": student, "baseline": baseline}
+    write_report(out, results, histories, models, test)  # report.md, report.html and the pictures
     print(format_table(results), flush=True)
     print(results["summary"], flush=True)
     _say(f"wrote {out / 'results.json'}, {out / 'student'}/ and {out / 'report.md'} in {results['wall_seconds']} s")
@@ -311,67 +317,3 @@ def format_table(r: dict[str, Any]) -> str:
         f"{k}: {v['value']} (target {v['target']}, {'met' if v['met'] else 'MISSED'})" for k, v in r["targets"].items()
     ]
     return "\n".join(["", *lines, "", *targets, f"wall: {r['wall_seconds']} s", ""])
-
-
-def write_report(out: Path, results: dict[str, Any], histories: dict[str, list[dict[str, Any]]]) -> None:
-    """``report.md`` with the table and ``report.png`` with training curves and the three models' accuracies."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, rows in histories.items():
-        offset, xs, ys, last_stage = 0, [], [], None
-        for row in rows:
-            if last_stage is not None and row["stage_index"] != last_stage:
-                offset = xs[-1] if xs else 0
-            last_stage = row["stage_index"]
-            xs.append(offset + row["step"])
-            ys.append(row["loss"])
-        if xs:
-            ax1.plot(xs, ys, label=name)
-    ax1.set(xlabel="step", ylabel="training loss", yscale="log", title="training curves")
-    ax1.legend()
-    labels, groups = ["EN top-1", "ZH top-1", "EN i2t R@1", "ZH i2t R@1"], []
-    for name in [n for n in ("teacher", "student", "baseline", "all_pairs") if n in results]:
-        zs, rt = results[name]["zeroshot"], results[name]["retrieval"]
-        groups.append(
-            (
-                name,
-                [zs.get(lang, {}).get("top1", 0) for lang in ("en", "zh")]
-                + [rt.get(lang, {}).get("i2t_r1", 0) for lang in ("en", "zh")],
-            )
-        )
-    width = 0.8 / len(groups)
-    for k, (name, values) in enumerate(groups):
-        shift = (k - (len(groups) - 1) / 2) * width
-        ax2.bar([i + shift for i in range(len(labels))], [100 * v for v in values], width, label=name)
-    ax2.set_xticks(range(len(labels)), labels)
-    ax2.set(ylabel="%", ylim=(0, 100), title="test split (teacher: English only)")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=110)
-    plt.close(fig)
-    text = [
-        "# vldistill quickstart report",
-        "",
-        f"Machine: {results['setup']['machine']}. Wall time: {results['wall_seconds']} s. "
-        f"Teacher: {results['setup']['teacher']}.",
-        "",
-        "```",
-        format_table(results).strip(),
-        "```",
-        "",
-        "![training curves and accuracies](report.png)",
-        "",
-        "Student and baseline share architecture, tokenizer, initialisation, steps and batch size. The baseline "
-        f"trains on the {results['setup']['paired_samples']} captioned images only (contrastive loss); the "
-        "student also uses the other training images and captions as unpaired data in DC-CLIP's unimodal stage 1 "
-        "(feature distillation from the teacher), then the same pairs in stage 2. `all_pairs`, for context: the "
-        "same student without the teacher on every pair the teacher saw (what captioning everything would buy).",
-        "",
-        results["summary"],
-        "",
-    ]
-    (out / "report.md").write_text("\n".join(text), encoding="utf-8")

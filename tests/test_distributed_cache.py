@@ -1,0 +1,121 @@
+"""``vldistill cache`` on several processes (``torchrun``): two CPU processes with the gloo backend build one cache.
+
+Each process computes a disjoint set of shards; process 0 writes the manifest once, when every shard is whole. The
+columns are byte-identical to a one-process build, and a two-process build killed part-way resumes (recomputing
+only the shards no process finished) and finishes identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vldistill.cache import CachedTeachers, CacheError, read_manifest
+from vldistill.cli import main
+from vldistill.data.sources import load_data
+from vldistill.students import build_student
+from vldistill.tokenization import train_wordpiece
+from vldistill.train.fit import tokenizer_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROWS, SHARD = 48, 8  # 6 shards: 3 per process
+FAULT = Path(__file__).resolve().parent / "fault_child.py"
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(5)
+    data = load_data("bundled:easyvqa", "train", ["en"], limit=64)
+    tok = train_wordpiece(tokenizer_corpus(data, ["en"]), vocab_size=300)
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    build_student("test-clip", tok, projection_dim=24, **{"vision.hidden_size": 48}).save_pretrained(path)
+    return path
+
+
+def cache_args(teacher: Path, out: Path) -> list[str]:
+    return [
+        "cache", "--teacher", str(teacher), "--data", "bundled:easyvqa", "--languages", "en", "--limit", str(ROWS),
+        "--shard-rows", str(SHARD), "--batch-size", "4", "--workers", "0", "--output", str(out),
+    ]  # fmt: skip
+
+
+def launch(args: list[str], fault: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(FAULT), json.dumps(fault), "--", *args] if fault else ["-m", "vldistill.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    ma, mb = read_manifest(a), read_manifest(b)
+    assert ma["complete"] and mb["complete"]
+    assert ma["shards"] == mb["shards"]  # the same files, sizes and SHA-256s, in order
+    for shard in ma["shards"]:
+        ta, tb = load_file(a / shard["file"]), load_file(b / shard["file"])
+        assert ta.keys() == tb.keys()
+        for name in ta:
+            assert torch.equal(ta[name], tb[name]), (shard["file"], name)
+        assert (a / shard["file"]).read_bytes() == (b / shard["file"]).read_bytes()
+    assert not list(b.glob("shard-*.json")) and not list(b.glob(".*.tmp"))  # records and temporaries gone
+
+
+@pytest.fixture(scope="module")
+def one_process(teacher_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "cache"
+    torch.set_num_threads(1)
+    assert main(cache_args(teacher_dir, out)) == 0
+    return out
+
+
+def test_two_processes_build_the_cache_one_process_builds(one_process, teacher_dir, tmp_path):
+    out = tmp_path / "two"
+    run = launch(cache_args(teacher_dir, out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_cache(one_process, out)
+    printed = [line for line in run.stdout.splitlines() if line == "{"]
+    assert len(printed) == 1, "the summary is printed once, by process 0"
+    summary = json.loads(run.stdout[run.stdout.index("{") :])
+    assert summary["built_rows"] == ROWS and summary["shards"] == ROWS // SHARD
+
+    again = launch(cache_args(teacher_dir, out))  # complete: reused, nothing recomputed
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout[again.stdout.index("{") :])["built_rows"] == 0
+
+
+def test_a_two_process_build_killed_part_way_resumes_and_finishes_identical(one_process, teacher_dir, tmp_path):
+    out = tmp_path / "killed"
+    kill = {"kill": {"target": "vldistill.cache.writer:_write_shard", "call": 2, "when": "after"}}
+    run = launch(cache_args(teacher_dir, out), fault=kill)
+    assert run.returncode != 0
+    manifest = read_manifest(out)
+    assert not manifest["complete"] and manifest["shards"] == []  # the manifest is written once, at the end
+    finished = sorted(out.glob("shard-*.json"))
+    assert 2 <= len(finished) < ROWS // SHARD, [p.name for p in out.iterdir()]
+    kept = {p.stem: (out / f"{p.stem}.safetensors").stat().st_mtime_ns for p in finished}
+    data = load_data("bundled:easyvqa", "train", ["en"], limit=ROWS).dataset
+    with pytest.raises(CacheError, match="incomplete"):  # never used until the manifest says complete
+        CachedTeachers(out, data, manifest["teachers"], [["en"]])
+
+    run = launch(cache_args(teacher_dir, out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout[run.stdout.index("{") :])
+    assert summary["built_rows"] == ROWS - SHARD * len(finished)  # only the shards no process finished
+    assert all((out / f"{stem}.safetensors").stat().st_mtime_ns == t for stem, t in kept.items())
+    assert_same_cache(one_process, out)
+
+
+def test_one_process_finishes_a_killed_two_process_build(one_process, teacher_dir, tmp_path):
+    out = tmp_path / "killed"
+    kill = {"kill": {"target": "vldistill.cache.writer:_write_shard", "call": 1, "when": "after"}}
+    assert launch(cache_args(teacher_dir, out), fault=kill).returncode != 0
+    finished = len(list(out.glob("shard-*.json")))
+    assert finished >= 1
+    torch.set_num_threads(1)
+    assert main(cache_args(teacher_dir, out)) == 0
+    assert_same_cache(one_process, out)
