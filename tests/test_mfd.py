@@ -30,7 +30,7 @@ from transformers import (
 
 from helpers import T, dims, n_linear, set_linear
 from vldistill.batching import Collator
-from vldistill.config import DataConfig, load_recipe
+from vldistill.config import DataConfig, load_recipe, to_dict
 from vldistill.losses import LOSSES, WeightedLoss, build_loss
 from vldistill.models import DualEncoder, as_teacher, encode_batch
 from vldistill.outputs import Embeddings, StepOutputs
@@ -350,10 +350,10 @@ def test_trainer_steps_with_mfd_and_exact_resume(tmp_path, tokenizer, teacher, d
     shutil.copytree(tmp_path / "a" / "checkpoints" / "stage0-step2", b_dir / "checkpoints" / "stage0-step2")
     (b_dir / "checkpoints" / "latest").write_text("stage0-step2")
     (b_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    b_cfg = _mfd_recipe(b_dir, checkpoint_every=2, keep_checkpoints=3)
+    (b_dir / "config.json").write_text(json.dumps(to_dict(b_cfg)))  # the run's own config: --resume checks it
     AcceleratorState._reset_state(True)
-    b = Trainer(
-        _mfd_recipe(b_dir, checkpoint_every=2, keep_checkpoints=3), make_student(tokenizer), data.dataset, [teacher]
-    ).fit(resume=True)
+    b = Trainer(b_cfg, make_student(tokenizer), data.dataset, [teacher]).fit(resume=True)
     assert b.history[-1]["mfd"] == pytest.approx(rows[-1]["mfd"], rel=1e-5)
     for (name, va), vb in zip(a.student.state_dict().items(), b.student.state_dict().values(), strict=True):
         torch.testing.assert_close(vb, va, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")

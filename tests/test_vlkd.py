@@ -476,7 +476,9 @@ def test_real_checkpoints_by_path_and_the_export(export, teacher_dir, teacher, t
     assert 0 <= denoising_skill(lm, lm_tok, ["a red circle", "a blue circle"])["masked_token_accuracy"] <= 1
     eval_json = json.loads((export.parent / "eval.json").read_text())
     assert eval_json["vqa"]["count"] == 12 and eval_json["generation"]["num_beams"] == 2
-    assert "BLEU-4" in (export / "README.md").read_text()
+    card = (export / "README.md").read_text()
+    bleu = eval_json["captioning"]["bleu4"]
+    assert "captioning.bleu4" in card and f"{bleu:.4f}" in card  # the card carries the measured numbers
 
 
 def test_generate_answers_and_captions_from_the_export(export, user_files, capsys):

@@ -132,7 +132,7 @@ def fit_recipe(
 ) -> dict[str, Any]:
     """Train a recipe end to end: data, teachers, student, stages, export, evaluation.
 
-    The run owns ``train.output_dir`` while it runs (:class:`~vldistill.train.loop.RunDirectory`): a directory that
+    The run owns ``train.output_dir`` while it runs (:class:`~vldistill.train.rundir.RunDirectory`): a directory that
     holds another run's files is refused unless ``overwrite=True`` (``--overwrite``, which deletes them), ``resume``
     refuses a run started with another config (naming the keys that differ), and a second process is kept out.
 
@@ -242,11 +242,12 @@ def _fit_owned(
         else:
             check_zeroshot(eval_data, cfg.eval.languages, "data.classnames")
             summary["eval"] = compare(student, teacher, eval_data, cfg.eval.languages, cfg.eval.batch_size, b_model)
+        own = summary["eval"]  # the exported model's scores under "student", as its model card reads them
         if cfg.role == "teacher":  # a teacher trained from scratch: its scores are filed as the teacher's
-            summary["eval"] = {"teacher": summary["eval"].pop("student"), **summary["eval"]}
+            summary["eval"] = {"teacher": own["student"], **{k: v for k, v in own.items() if k != "student"}}
         print(format_comparison(summary["eval"]), flush=True)
         (result.output_dir / "eval.json").write_text(json.dumps(summary["eval"], indent=2, ensure_ascii=False))
-        write_student_card(export_dir, cfg, student, eval_result=summary["eval"], **card)  # now with its numbers
+        write_student_card(export_dir, cfg, student, eval_result=own, **card)  # now with its numbers
     return summary
 
 

@@ -22,6 +22,10 @@ the run at once (:class:`NonFiniteError`, naming the teacher or cache shard and 
 checkpoint could overwrite the last good one. Old checkpoints are renamed before they are deleted, so a kill while
 pruning leaves a ``.del-*`` folder that the next run removes.
 
+The parts: :mod:`.step` (one step: teacher outputs, student, losses; the gather over processes; the non-finite
+check), :mod:`.sampling` (which samples each micro-batch holds), :mod:`.rundir` (the run directory). This module
+holds the loop itself, the optimiser, the schedule and the checkpoints.
+
 This module sits on top of the library: nothing in ``vldistill`` imports it.
 """
 
@@ -33,9 +37,9 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,280 +52,34 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..batching import Collator, LiveTeachers, TeacherSource, teacher_texts
-from ..config import ConfigError, RecipeConfig, StageConfig, to_dict
+from ..config import ConfigError, RecipeConfig, StageConfig
 from ..data.splits import paired_indices
-from ..dist import process_shard
 from ..files import disk_errors, write_bytes, write_text
 from ..files import save_safetensors as save_file  # atomic, with the umask's mode, a full disk named by file
 from ..losses import WeightedLoss, build_stage_loss, check_needs, check_unpaired, stage_needs
 from ..models import DualEncoder, Teacher
-from ..outputs import Dims, Embeddings, StepOutputs
+from ..outputs import Dims
 from ..students import STUDENT_OUTPUTS, set_trainable
+from .rundir import RunDirectory, RunError, _complete_checkpoint, open_run
+from .sampling import StageSampler, _Subset, _WithViews
+from .step import DistillModule, NonFiniteError, gather_outputs
+
+# The loop's public names, with those of its parts (``rundir``, ``sampling``, ``step``) that callers reach through it.
+__all__ = [
+    "DistillModule",
+    "FitResult",
+    "NonFiniteError",
+    "RunDirectory",
+    "RunError",
+    "StageSampler",
+    "Trainer",
+    "gather_outputs",
+    "make_optimizer",
+    "open_run",
+    "warmup_cosine",
+]
 
 
-class StageSampler:
-    """Yields the micro-batches of one stage, starting at any micro-batch: data order depends only on
-    (seed, stage, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
-
-    With ``views = K > 1`` (a teacher cache with augmented views) it yields ``(index, view)`` pairs: sample ``i``
-    gets view ``(epoch + offset_i) % K`` with a seeded random ``offset_i``, so every view is used once per K epochs.
-    With ``epochs=True`` it yields ``(index, view, epoch)`` triples (view 0 without views): for students whose inputs
-    depend on the epoch (a seq2seq student's span corruption is seeded by seed, sample and epoch).
-    """
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        seed: int,
-        stage: int,
-        total: int,
-        start: int = 0,
-        views: int = 1,
-        epochs: bool = False,
-    ):
-        if n < batch_size:
-            raise ValueError(f"the training set has {n} samples, fewer than train.batch_size = {batch_size}")
-        self.n, self.batch_size, self.seed, self.stage = n, batch_size, seed, stage
-        self.total, self.start = total, start
-        self.per_epoch = n // batch_size
-        self.views = views
-        self.epochs = epochs
-
-    def __len__(self) -> int:
-        return self.total - self.start
-
-    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int]]]:
-        epoch, perm = -1, None
-        if self.views > 1:
-            offsets = torch.randint(self.views, (self.n,), generator=torch.Generator().manual_seed(self.seed + 7))
-            offsets = offsets.tolist()
-        for m in range(self.start, self.total):
-            if m // self.per_epoch != epoch:
-                epoch = m // self.per_epoch
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stage * 10_007 + epoch)
-                perm = torch.randperm(self.n, generator=g).tolist()
-            i = (m % self.per_epoch) * self.batch_size
-            if self.epochs:
-                yield [
-                    (j, (epoch + offsets[j]) % self.views if self.views > 1 else 0, epoch)
-                    for j in perm[i : i + self.batch_size]
-                ]
-            elif self.views == 1:
-                yield perm[i : i + self.batch_size]
-            else:
-                yield [(j, (epoch + offsets[j]) % self.views) for j in perm[i : i + self.batch_size]]
-
-
-class _Subset(torch.utils.data.Dataset):
-    """Some samples of a dataset; items keep the underlying dataset's ``index`` (what a teacher cache reads by)."""
-
-    def __init__(self, data, indices: list[int]):
-        self.data, self.indices = data, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.data[self.indices[i]]
-
-
-class _WithViews(torch.utils.data.Dataset):
-    """Items of ``data`` for ``(index, view)`` keys, with ``"view"`` added (and ``"epoch"`` for ``(index, view,
-    epoch)`` keys)."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, view, *epoch = key
-        return {**self.data[index], "view": view, **({"epoch": epoch[0]} if epoch else {})}
-
-
-class DistillModule(nn.Module):
-    """Student + this stage's losses: the one module Accelerate prepares (DDP syncs through ``forward``).
-
-    Teachers are not submodules: they are frozen, never saved with the run, and may be a cache. Their outputs are
-    computed first, so the student may read them (``forward(inputs, needs, teacher=...)``).
-    """
-
-    def __init__(
-        self,
-        student: nn.Module,
-        loss: WeightedLoss,
-        teachers: TeacherSource | None,
-        teacher_names: Sequence[str] = (),
-    ):
-        super().__init__()
-        self.student = student
-        self.loss = loss
-        self._teachers = teachers
-        self._names = list(teacher_names)
-        self._last_teachers: list[Embeddings] = []
-
-    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        """The weighted loss and its logged terms. Raises :class:`NonFiniteError` (on every process at once) when a
-        teacher's output or the loss is not finite: training on NaN would only spread it to every weight."""
-        needs = self.loss.needs
-        teachers = self._teachers(batch, needs) if ("teacher" in needs and self._teachers) else []
-        bad = [(j, name) for j, t in enumerate(teachers) for name in _non_finite_fields(t)]
-        self._last_teachers = teachers
-        if _on_any_process(bool(bad)):
-            raise NonFiniteError(self._describe_teachers(bad, batch))
-        options = {"mask_ratio": self.loss.mask_ratio} if getattr(self.loss, "mask_ratio", None) is not None else {}
-        student = self.student(batch["student"], needs, teacher=teachers[0] if teachers else None, **options)
-        device = _device_of(student)
-        groups = {lang: g.to(device) for lang, g in batch["groups"].items()}
-        targets = {k: t.to(device) for k, t in batch.get("targets", {}).items()}
-        out = StepOutputs(student=student, teachers=teachers, groups=groups, targets=targets)
-        total, parts = self.loss(gather_outputs(out))
-        if _on_any_process(not bool(torch.isfinite(total.detach()).all())):
-            raise NonFiniteError(_describe_loss(total, parts, student))
-        return total, parts
-
-    def _describe_teachers(self, bad: list[tuple[int, str]], batch: dict[str, Any]) -> str:
-        if not bad:
-            return "a teacher gave non-finite outputs on another process"
-        j = bad[0][0]
-        fields = ", ".join(name for k, name in bad if k == j)
-        name = self._names[j] if j < len(self._names) else f"teacher {j}"
-        where = getattr(self._teachers, "where", None)
-        index = batch["index"]
-        value = dict(_tensors_of(self._last_teachers[j]))[bad[0][1]] if self._last_teachers else None
-        if value is not None and value.shape[0] == len(index):  # only the rows that hold the NaN
-            index = index[~torch.isfinite(value.detach()).reshape(len(index), -1).all(dim=1).cpu()]
-        rows = f" ({where(index, j)})" if where is not None else ""
-        return (
-            f"teacher {j} ({name}){rows} gave non-finite values (NaN or inf) in its {fields} output; its weights or "
-            f"cached outputs are damaged"
-        )
-
-
-class NonFiniteError(ValueError):
-    """A teacher output, a loss or a gradient that is NaN or infinite: the run stops at once, before the step's
-    checkpoint is written, so the last good checkpoint stays. The message names the teacher or cache shard (or the
-    loss terms) and the step."""
-
-
-def _tensors_of(emb: Embeddings) -> Iterator[tuple[str, Tensor]]:
-    for name in ("image", "image_tokens", "image_masked"):
-        value = getattr(emb, name, None)
-        if isinstance(value, Tensor):
-            yield name, value
-    for group in ("text", "text_tokens"):
-        for field, value in getattr(emb, group, {}).items():
-            if isinstance(value, Tensor) and value.is_floating_point():
-                yield f"{group}.{field}", value
-    for key, value in getattr(emb, "extra", {}).items():
-        if isinstance(value, Tensor) and value.is_floating_point():
-            yield f"extra.{key}", value
-
-
-def _non_finite_fields(emb: Embeddings) -> list[str]:
-    """The names of the floating-point outputs of ``emb`` that hold a NaN or an infinity (one device sync)."""
-    named = [(name, t) for name, t in _tensors_of(emb) if t.is_floating_point() and t.numel()]
-    if not named:
-        return []
-    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).tolist()
-    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
-
-
-def _on_any_process(flag: bool) -> bool:
-    """``flag`` or'ed over the processes of a multi-process run, so that every process raises together (a process
-    that stopped alone would leave the others waiting in a collective)."""
-    if process_shard()[1] == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def _collective_device() -> torch.device:
-    backend = torch.distributed.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
-def _describe_loss(total: Tensor, parts: dict[str, Any], student: Embeddings) -> str:
-    values = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in parts.items() if k != "loss"}
-    terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    outputs = _non_finite_fields(student)
-    if outputs:
-        why = (
-            f"the student's {', '.join(outputs)} output is not finite: training diverged (lower train.lr, keep "
-            f"train.max_grad_norm set) or the student's weights are damaged"
-        )
-    else:
-        why = f"the student's and teachers' outputs are finite, the loss terms {bad or '(all)'} are not"
-    return f"the loss is {float(total.detach()):.4g} ({terms}): {why}"
-
-
-def _device_of(emb: Embeddings) -> torch.device:
-    for value in (emb.image, *emb.text.values(), *emb.extra.values()):
-        if isinstance(value, Tensor):
-            return value.device
-    return torch.device("cpu")
-
-
-def gather_outputs(out: StepOutputs) -> StepOutputs:
-    """In a multi-process run, the pooled embeddings and caption groups of every process's shard, concatenated in
-    rank order: what a single process would have computed on the whole batch. Every process computes the same loss
-    on it; the backward of the gather sums the gradients of each shard over processes and hands them to the shard's
-    own process, so after DDP's averaging the gradients equal a single process's. Token features stay local (their
-    lengths differ between shards): token-level ``fd`` becomes the mean of the shards' means, which equals the
-    whole batch's for image tokens; for text tokens, whose padding is masked, the shards' token counts may differ, so
-    it is close to the single-process value but not exact. One process: unchanged.
-
-    A student with outputs of its own kind (``extra``: a task head, token states, an LM loss) keeps everything local:
-    its losses are per sample (``task``, ``clip_td``, ``lm``), so each shard's mean, averaged by DDP, is the whole
-    batch's mean; an in-batch contrastive term of such a student (VLKD's ``itcl``) then sees its shard's negatives
-    only."""
-    if process_shard()[1] == 1 or out.student.extra:
-        return out
-    return StepOutputs(
-        student=_gather_pooled(out.student),
-        teachers=[_gather_pooled(t) for t in out.teachers],
-        groups={lang: _all_gather(g) for lang, g in out.groups.items()},
-        targets={k: _all_gather(t) for k, t in out.targets.items()},
-    )
-
-
-def _gather_pooled(emb: Embeddings) -> Embeddings:
-    return replace(
-        emb,
-        image=None if emb.image is None else _all_gather(emb.image),
-        text={lang: _all_gather(t) for lang, t in emb.text.items()},
-        image_masked=None if emb.image_masked is None else _all_gather(emb.image_masked),
-    )
-
-
-def _all_gather(x: Tensor) -> Tensor:
-    return _AllGather.apply(x)  # tensors without gradient (teachers, caption groups) pass through it unchanged
-
-
-class _AllGather(torch.autograd.Function):
-    """Concatenate equal-sized shards from all processes; backward sums the gradient over processes (each computed
-    the same loss on the whole batch) and returns this process's slice."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        rank, world = process_shard()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        torch.distributed.all_gather(parts, x.contiguous())
-        ctx.start, ctx.stop = rank * x.shape[0], (rank + 1) * x.shape[0]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous()
-        torch.distributed.all_reduce(grad)
-        return grad[ctx.start : ctx.stop]
-
-
-# ------------------------------------------------------------------------------------------------ the run
 @dataclass
 class FitResult:
     student: DualEncoder
@@ -353,274 +111,6 @@ def warmup_cosine(optimizer, warmup: int, total: int) -> torch.optim.lr_schedule
 
 
 # ------------------------------------------------------------------------------------------ the run directory
-RUN_FILES = (
-    "config.json",
-    "metrics.jsonl",
-    "checkpoints",
-    "student-init",
-    ".tmp-student-init",
-    "student",
-    "teacher",
-    "baseline",
-    "adapt",
-    "adapted-teacher",
-    "adapt.json",
-    "eval.json",
-    "tb",
-)
-"""What runs write into their output directory: a new run finds none of them there, or removes them all when told
-to (``overwrite``). Other files (a manifest, images, notes) are the user's and stay."""
-LOCK_FILE = ".vldistill.lock"
-RESUME_FREE = (
-    "tiny",
-    "train.output_dir",
-    "train.progress",
-    "train.tensorboard",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.threads",
-    "eval",
-    "data.eval",
-    "data.eval_split",
-    "data.limit_eval",
-    "cache.workers",
-    "cache.batch_size",
-)
-"""Config keys a resumed run may change: where and how the run is shown, checkpointed and evaluated afterwards, not
-what it computes. Every other key must equal the value in the run's ``config.json``."""
-_HELD: dict[Path, int] = {}  # run directories this process has claimed (nested claims of one run are no-ops)
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no advisory locks; one process per directory is then on the user
-    fcntl = None
-
-
-class RunError(ValueError):
-    """A run directory that another run owns or uses, or a resume whose config differs from the run's."""
-
-
-class RunDirectory:
-    """A run's output directory, owned by one run and written by one process at a time.
-
-    :func:`open_run` claims it: it takes the directory's lock (an ``flock`` on ``.vldistill.lock``, released by the
-    kernel when the process ends, however it ends), then, for a new run, refuses a directory holding another run's
-    files (:data:`RUN_FILES`) unless ``overwrite`` (which removes them), and for ``resume`` compares the stored
-    ``config.json`` with the run's resolved config (keys in :data:`RESUME_FREE` may differ; keys one side does not
-    have, e.g. a field added to vldistill since, are not compared). Leftovers of killed checkpoint writes and
-    prunes are removed. Then it writes ``config.json``. Use it as a context manager, or call :meth:`release`.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._key = Path(os.path.abspath(self.path))
-        self._fd: int | None = None
-        self._nested = False
-
-    def claim(self, cfg: RecipeConfig, resume: bool = False, overwrite: bool = False, main: bool = True) -> None:
-        """Take the directory for ``cfg`` (on the main process: lock, check, clean, write ``config.json``)."""
-        if resume and overwrite:
-            raise RunError("resume and overwrite: choose one (--resume continues the run, --overwrite replaces it)")
-        if self._key in _HELD:  # e.g. fit_recipe -> Trainer.fit, or MAD's distillation inside its recipe's run
-            self._nested = True
-            _HELD[self._key] += 1
-            return
-        if main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._lock()
-            try:
-                for trash in self.path.glob(".del-*"):  # what a kill during an --overwrite left
-                    shutil.rmtree(trash, ignore_errors=True)
-                if resume:
-                    self._check_resume(cfg)
-                else:
-                    self._check_new(overwrite)
-                clean_checkpoints(self.path / "checkpoints")
-                write_text(self.path / "config.json", json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
-            except BaseException:
-                self._unlock()
-                raise
-        _HELD[self._key] = 1
-
-    def release(self) -> None:
-        """Give the directory back (the outermost claim of this process unlocks it)."""
-        if self._key not in _HELD:
-            return
-        _HELD[self._key] -= 1
-        if _HELD[self._key] <= 0:
-            del _HELD[self._key]
-            self._unlock()
-
-    def __enter__(self) -> RunDirectory:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    # -------------------------------------------------------------------------------------------------- checks
-    def _check_new(self, overwrite: bool) -> None:
-        found = [name for name in RUN_FILES if (self.path / name).exists()]
-        # a run that stopped before it saved anything (bad data, a wrong key) leaves config.json alone: nothing to mix
-        trained = [name for name in found if name not in ("config.json", ".tmp-student-init")]
-        if not found:
-            return
-        if trained and not overwrite:
-            raise RunError(
-                f"{self.path} holds another run ({', '.join(found)}); a new run never mixes with it: continue that "
-                f"run with --resume, replace it with --overwrite (deletes those files), or give another --output"
-            )
-        # config.json last: a kill while deleting leaves a directory whose remaining files still name their run
-        for name in sorted(found, key=lambda n: n == "config.json"):
-            path = self.path / name
-            if path.is_dir() and not path.is_symlink():
-                trash = self.path / f".del-{name}"
-                shutil.rmtree(trash, ignore_errors=True)
-                os.replace(path, trash)
-                shutil.rmtree(trash)
-            else:
-                path.unlink()
-
-    def _check_resume(self, cfg: RecipeConfig) -> None:
-        stored = self.path / "config.json"
-        if not stored.is_file():
-            found = [name for name in RUN_FILES if (self.path / name).exists() and name != ".tmp-student-init"]
-            if found:
-                raise RunError(
-                    f"--resume: {self.path} holds {', '.join(found)} but no config.json, so nothing tells which run "
-                    f"they belong to; replace them with --overwrite, or give another --output"
-                )
-            return
-        try:
-            old = json.loads(stored.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise RunError(f"--resume: {stored} is damaged ({err}); replace the run with --overwrite") from None
-        diffs = config_differences(old, to_dict(cfg))
-        if diffs:
-            shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
-            raise RunError(
-                f"--resume: the run in {self.path} was started with another config ({len(diffs)} key"
-                f"{'s' if len(diffs) > 1 else ''} differ: {shown}); resume it with its own settings, replace it with "
-                f"--overwrite, or give another --output"
-            )
-
-    # ---------------------------------------------------------------------------------------------------- lock
-    def _lock(self) -> None:
-        if fcntl is None:
-            return
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 64).decode("utf-8", "replace").strip() or "unknown"
-            os.close(fd)
-            raise RunError(
-                f"{self.path} is being written by another vldistill process (pid {holder}); two processes never "
-                f"write one run directory: wait for it to end, or give another --output"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    def _unlock(self) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-
-def open_run(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> RunDirectory:
-    """Claim ``cfg.train.output_dir`` for this run (see :class:`RunDirectory`). In a multi-process run the main
-    process claims it and every process raises its error, so none is left waiting for the others."""
-    run = RunDirectory(cfg.train.output_dir)
-    rank, world = _rank_and_world()
-    error = None
-    try:
-        run.claim(cfg, resume, overwrite, main=rank == 0)
-    except RunError as err:
-        error = str(err)
-    if world > 1:
-        shared = [error]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        error = shared[0]
-        if error is not None:
-            run.release()
-    if error is not None:
-        raise RunError(error)
-    return run
-
-
-def _rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes, initialising the process group under ``accelerate launch``
-    or ``torchrun`` (Accelerate does the same, later, with the same device choice)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())
-        return state.process_index, state.num_processes
-    return 0, 1
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``"key (OLD there, NEW now)"`` for every dotted key both configs have whose values differ (keys in
-    :data:`RESUME_FREE` aside); a list of sections (stages, losses, teachers) of another length counts once."""
-    a, b = _flatten(old), _flatten(new)
-    out = []
-    for key in b:
-        if key not in a or any(key == f or key.startswith(f + ".") for f in RESUME_FREE):
-            continue
-        if a[key] != b[key]:
-            out.append(f"{key} ({_shown(a[key])} there, {_shown(b[key])} now)")
-    return out
-
-
-class _Items(int):
-    """The length of a list of sections, as a flattened value."""
-
-    def __repr__(self) -> str:
-        return f"{int(self)} items"
-
-
-def _flatten(value: Any, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
-    out = {} if out is None else out
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
-    elif isinstance(value, list) and any(isinstance(item, dict) for item in value):
-        out[prefix] = _Items(len(value))
-        for i, item in enumerate(value):
-            _flatten(item, f"{prefix}.{i}", out)
-    else:
-        out[prefix] = value
-    return out
-
-
-def _shown(value: Any) -> str:
-    text = repr(value) if isinstance(value, _Items) else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def clean_checkpoints(ckpt_dir: Path) -> None:
-    """Remove what killed processes left in a checkpoint folder: half-written checkpoints (``.tmp-*``), checkpoints
-    being pruned (``.del-*``), and any other checkpoint folder that is incomplete and not the latest."""
-    if not ckpt_dir.is_dir():
-        return
-    marker = ckpt_dir / "latest"
-    latest = marker.read_text().strip() if marker.is_file() else None
-    (ckpt_dir / "latest.tmp").unlink(missing_ok=True)
-    for path in ckpt_dir.iterdir():
-        if path.name.startswith((".tmp-", ".del-")) or (
-            path.is_dir() and path.name != latest and not _complete_checkpoint(path)
-        ):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-CHECKPOINT_FILES = ("module.safetensors", "optim.pt", "state.json")
-
-
-def _complete_checkpoint(path: Path) -> bool:
-    return all((path / name).is_file() for name in CHECKPOINT_FILES)
-
-
 class Trainer:
     """Runs a recipe's stages on a student with (optionally) teachers.
 

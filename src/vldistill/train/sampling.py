@@ -1,0 +1,91 @@
+"""Which samples each micro-batch of a stage holds: a pure function of (seed, stage, step), so a resumed run sees
+the batches an uninterrupted one would; the paired subset of a run and a teacher cache's stored views."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+class StageSampler:
+    """Yields the micro-batches of one stage, starting at any micro-batch: data order depends only on
+    (seed, stage, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+
+    With ``views = K > 1`` (a teacher cache with augmented views) it yields ``(index, view)`` pairs: sample ``i``
+    gets view ``(epoch + offset_i) % K`` with a seeded random ``offset_i``, so every view is used once per K epochs.
+    With ``epochs=True`` it yields ``(index, view, epoch)`` triples (view 0 without views): for students whose inputs
+    depend on the epoch (a seq2seq student's span corruption is seeded by seed, sample and epoch).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        stage: int,
+        total: int,
+        start: int = 0,
+        views: int = 1,
+        epochs: bool = False,
+    ):
+        if n < batch_size:
+            raise ValueError(f"the training set has {n} samples, fewer than train.batch_size = {batch_size}")
+        self.n, self.batch_size, self.seed, self.stage = n, batch_size, seed, stage
+        self.total, self.start = total, start
+        self.per_epoch = n // batch_size
+        self.views = views
+        self.epochs = epochs
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int]]]:
+        epoch, perm = -1, None
+        if self.views > 1:
+            offsets = torch.randint(self.views, (self.n,), generator=torch.Generator().manual_seed(self.seed + 7))
+            offsets = offsets.tolist()
+        for m in range(self.start, self.total):
+            if m // self.per_epoch != epoch:
+                epoch = m // self.per_epoch
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stage * 10_007 + epoch)
+                perm = torch.randperm(self.n, generator=g).tolist()
+            i = (m % self.per_epoch) * self.batch_size
+            if self.epochs:
+                yield [
+                    (j, (epoch + offsets[j]) % self.views if self.views > 1 else 0, epoch)
+                    for j in perm[i : i + self.batch_size]
+                ]
+            elif self.views == 1:
+                yield perm[i : i + self.batch_size]
+            else:
+                yield [(j, (epoch + offsets[j]) % self.views) for j in perm[i : i + self.batch_size]]
+
+
+class _Subset(torch.utils.data.Dataset):
+    """Some samples of a dataset; items keep the underlying dataset's ``index`` (what a teacher cache reads by)."""
+
+    def __init__(self, data, indices: list[int]):
+        self.data, self.indices = data, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.data[self.indices[i]]
+
+
+class _WithViews(torch.utils.data.Dataset):
+    """Items of ``data`` for ``(index, view)`` keys, with ``"view"`` added (and ``"epoch"`` for ``(index, view,
+    epoch)`` keys)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, view, *epoch = key
+        return {**self.data[index], "view": view, **({"epoch": epoch[0]} if epoch else {})}
