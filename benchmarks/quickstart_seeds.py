@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="the quickstart's --fast slice (a smoke run)")
     parser.add_argument("--work", default="runs/bench/quickstart_seeds", help="where each seed's run goes")
     parser.add_argument("--output", default="runs/bench/quickstart_seeds.json")
+    parser.add_argument(
+        "--from-results",
+        action="store_true",
+        help="run nothing: summarise the results.json each seed's run left in --work (e.g. seeds run in parallel)",
+    )
     args = parser.parse_args(argv)
     if len(args.seeds) < 1 or len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds: give distinct seeds")
@@ -113,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[int, dict[str, Any]] = {}
     teacher = args.teacher
     for seed in args.seeds:
+        if args.from_results:
+            runs[seed] = json.loads((work / f"seed{seed}" / "results.json").read_text())
+            continue
         if teacher is None and not args.teacher_per_seed:
             from vldistill.data.sources import load_data
             from vldistill.train.quickstart import FAST_DATA
@@ -127,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["setup"] = {
         "seeds": args.seeds,
         "teacher": "trained per seed" if args.teacher_per_seed else f"one for all seeds: {teacher}",
+        "teachers": {str(k): r["setup"]["teacher"] for k, r in runs.items()},
         "fast": args.fast,
         "paired_samples": runs[args.seeds[0]]["setup"]["paired_samples"],
         "train_samples": runs[args.seeds[0]]["setup"]["train_samples"],
@@ -134,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}",
         "vldistill": __version__,
         "command": "python benchmarks/quickstart_seeds.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "wall_seconds": round(time.perf_counter() - start, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1)
+        if not args.from_results
+        else round(sum(r["wall_seconds"] for r in runs.values()), 1),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")

@@ -100,7 +100,18 @@ def _cmd_cache(args: argparse.Namespace, extra: list[str]) -> int:
     summary["use_with"] = {"teacher.source": "cache", "teacher.cache": summary["cache"]}
     if rank == 0:
         print(json.dumps(summary, indent=2))
+    _leave_processes()
     return 0
+
+
+def _leave_processes() -> None:
+    """Leave the process group cleanly (all processes done, then destroyed): a gloo group left to the interpreter's
+    exit can abort a process ("terminate called without an active exception") after its work is done."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _join_processes() -> int:
