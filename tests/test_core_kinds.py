@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from vldistill.batching import Collator, LiveTeachers, sample_targets, teacher_texts
-from vldistill.config import ConfigError, RecipeConfig, from_dict
+from vldistill.config import ConfigError, RecipeConfig, from_dict, load_recipe, to_dict
 from vldistill.models import as_teacher
 from vldistill.students import STUDENT_KINDS, build_student
 from vldistill.tokenization import train_wordpiece
@@ -178,3 +178,39 @@ def test_an_unknown_group_of_a_vilt_student_lists_its_groups(tmp_path, tokenizer
     cfg = recipe(tmp_path, "test-vilt", [{"name": "task"}], ["image"], [])
     with pytest.raises(ConfigError, match=r"\['image'\] are not parameter groups of a crossmodal student; it has "):
         Trainer(cfg, student, vqa_items())
+
+
+def test_paired_and_unpaired_stages_draw_the_samples_they_say(tmp_path, tokenizer, teacher, monkeypatch):
+    import vldistill.train.loop as loop
+
+    seen = []
+
+    class Spy(loop.StageSampler):
+        def __init__(self, n, *args, **kwargs):
+            seen.append(n)
+            super().__init__(n, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "StageSampler", Spy)
+    items = pair_items(16)
+    cfg = recipe(tmp_path, "test-clip", [{"name": "clip"}], ["image", "text"], ["en"])
+    raw = to_dict(cfg)
+    raw["data"]["paired"] = 0.25  # 4 of the 16 samples keep their image-caption pairing
+    raw["stages"] = [
+        {"name": "unimodal", "steps": 1, "samples": "all", "losses": [{"name": "fd", "tower": "image"}]},
+        {"name": "align", "steps": 1, "samples": "paired", "losses": [{"name": "clip", "langs": ["en"]}]},
+    ]
+    Trainer(load_recipe(raw=raw), build_student("test-clip", tokenizer), items, [teacher]).fit()
+    assert seen == [16, 4]  # stage 1 draws every sample, stage 2 the paired ones only
+
+    raw["stages"][0]["losses"] = [{"name": "clip", "langs": ["en"]}]  # a loss that pairs images with captions
+    msg = "stages.0.losses.0 (clip): compares images with texts, but stages.0.samples is 'all'"
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        Trainer(load_recipe(raw=raw), build_student("test-clip", tokenizer), items, [teacher])
+
+
+def test_the_soft_vqa_task_loss_reads_the_scores_the_students_processor_builds(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    student = build_student("test-vilt", tokenizer, task="vqa", answers=COLOURS)
+    cfg = recipe(tmp_path, "test-vilt", [{"name": "task", "options": {"soft": True}}], ["head"], [])
+    result = Trainer(cfg, student, vqa_items()).fit()
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)

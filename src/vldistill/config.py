@@ -164,6 +164,11 @@ class DataConfig:
     items), ``domain_shift`` (``combos`` or ``phrasings`` held out of training and tested on), or both."""
 
     def __post_init__(self):
+        if self.split.domain_shift is not None and self.task == "pairs":
+            raise ConfigError(
+                f"split.domain_shift = {self.split.domain_shift!r}: holds out task items (VQA, entailment, multiple "
+                "choice); set data.task, or use split.low_shot / data.paired for image-text pairs"
+            )
         p = self.paired
         if p is not None and (isinstance(p, bool) or p <= 0 or (p > 1 and p != int(p))):
             raise ConfigError(f"paired = {p!r}: give a count of samples (> 1), a fraction in (0, 1], or null for all")

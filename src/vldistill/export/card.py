@@ -95,7 +95,8 @@ def student_card(
     """
     kind = getattr(student, "kind", "dual_encoder")
     if eval_result and "student" not in eval_result:  # a generative student's evaluation: its own tasks, one model
-        eval_result = {"student": {k: v for k, v in eval_result.items() if isinstance(v, dict)}}
+        measured = ("captioning", "vqa", "text_skill")  # not "generation": those are settings, not measurements
+        eval_result = {"student": {k: v for k, v in eval_result.items() if k in measured and isinstance(v, dict)}}
     t_info = _teachers(cfg, teachers)
     languages = list(dict.fromkeys([*cfg.data.languages, *(cfg.eval.languages or [])]))
     numbers = flat_numbers((eval_result or {}).get("student", {}))

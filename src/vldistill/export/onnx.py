@@ -28,8 +28,10 @@ Why ``torch.onnx.export`` with the TorchScript tracer (``dynamo=False``), not th
 
 int8 is onnxruntime's **dynamic** quantisation (``quantize_dynamic``): the weights of every ``MatMul`` are stored as
 int8 with one scale per output channel, activations are quantised per batch at run time. Per-channel, and the token
-embeddings (``Gather``) left in fp32, because on a tiny DC-CLIP student per-tensor scales or quantised embeddings
-changed a quarter of the Chinese zero-shot predictions, per-channel MatMuls 2% (measured on the bundled test split).
+embeddings (``Gather``) left in fp32, because on the tiny test student of ``tests/test_export.py`` per-tensor scales
+or quantised embeddings changed about a quarter of the Chinese zero-shot predictions of its test batch, per-channel
+MatMuls about 2% (measured while writing that test, 2026-11-30; a trained student is measured by
+``benchmarks/deploy.py``).
 Dynamic rather than
 static because a transformer tower's work is in its MatMuls, whose activation ranges vary from input to input, and
 because it needs no calibration slice that every export would have to be given (static quantisation with a slice of

@@ -381,6 +381,7 @@ def baseline_config(cfg: RecipeConfig, output_dir: str | Path) -> RecipeConfig:
     groups any stage of the recipe trains; same student, data, batch size and seed."""
     raw = to_dict(cfg)
     raw["teachers"] = []
+    raw["role"] = "student"  # the baseline of a teacher-role run is still a student beside it
     if cfg.data.task == "pairs":
         loss = {"name": "clip", "weight": 1.0, "label": None, "options": {"langs": list(cfg.data.languages)}}
     else:

@@ -256,10 +256,11 @@ def _pictures(
     if accuracy:
         pictures.append(("Accuracy per language", plot_accuracy(accuracy, out / "report-accuracy.png")))
     if models and test is not None:
-        eval_set = test.eval_set(["en"])
-        preds = zeroshot_predictions(models, eval_set, "en", batch_size)
+        lang = "en" if "en" in test.classnames else next(iter(test.classnames), "en")  # the teacher reads English
+        eval_set = test.eval_set([lang])
+        preds = zeroshot_predictions(models, eval_set, lang, batch_size) if lang in eval_set.classnames else {}
         if preds:
-            labels, names = eval_set.labels.tolist(), eval_set.classnames["en"]
+            labels, names = eval_set.labels.tolist(), eval_set.classnames[lang]
             pictures.append(("Per-class accuracy", plot_per_class(preds, labels, names, out / "report-classes.png")))
             pictures.append(
                 ("Test images", plot_examples(eval_set.images, labels, names, preds, out / "report-examples.png"))
@@ -346,7 +347,9 @@ def report_run(run_dir: str | Path, output: str | Path | None = None) -> dict[st
                 notes.append(f"The teacher {t_path} could not be loaded ({err}); it is left out of the pictures.")
         if (run / "baseline" / "student").is_dir():
             models["baseline"] = load_student(run / "baseline" / "student")
-        test = load_eval_data(cfg.data, ["en"], load_train_data(cfg.data) if cfg.data.split.domain_shift else None)
+        test = load_eval_data(
+            cfg.data, cfg.eval.languages, load_train_data(cfg.data) if cfg.data.split.domain_shift else None
+        )
     elif accuracy:
         notes.append(
             "Per-class accuracy and example predictions are drawn for dual-encoder students on image-text data"

@@ -51,7 +51,9 @@ class DistillModule(nn.Module):
         student = self.student(batch["student"], needs, teacher=teachers[0] if teachers else None, **options)
         device = _device_of(student)
         groups = {lang: g.to(device) for lang, g in batch["groups"].items()}
-        targets = {k: t.to(device) for k, t in batch.get("targets", {}).items()}
+        # the batch's targets, and those a student's own processor builds (e.g. VQA soft scores, answer_scores)
+        student_targets = batch["student"].get("targets", {}) if isinstance(batch["student"], dict) else {}
+        targets = {k: t.to(device) for k, t in {**student_targets, **batch.get("targets", {})}.items()}
         out = StepOutputs(student=student, teachers=teachers, groups=groups, targets=targets)
         total, parts = self.loss(gather_outputs(out))
         if _on_any_process(not bool(torch.isfinite(total.detach()).all())):
