@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -655,3 +656,28 @@ def test_image_root_only_refuses_paths_outside_the_image_root(tmp_path):
         load_train_data(cfg)
     with pytest.raises(ConfigError, match="image_root_only = 'yes': expected true or false"):
         load_recipe(raw={"data": {"image_root_only": "yes"}})
+
+
+def test_a_damaged_or_missing_student_of_any_kind_is_named(tmp_path):
+    """Seq2seq and cross-modal students (saved directories, or checkpoints given by path) name the damaged file."""
+    from vldistill.models import ModelLoadError
+    from vldistill.students import build_student, load_student
+    from vldistill.tokenization import train_wordpiece
+
+    tok = train_wordpiece(["a red circle", "what colour is it?"] * 4, 80)
+    vilt = build_student("test-vilt", tok, task="entailment")
+    vilt.save_pretrained(tmp_path / "vilt")
+    weights = next((tmp_path / "vilt").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(ModelLoadError, match=re.escape(str(weights))):
+        load_student(tmp_path / "vilt")
+    with pytest.raises(ModelLoadError, match=re.escape(str(weights))):
+        build_student("vilt", tok, name_or_path=str(tmp_path / "vilt"), task="entailment")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_student(tmp_path / "nowhere")
+    bart = build_student("test-bart", tok, teacher_width=16, teacher_image_width=16)
+    bart.save_pretrained(tmp_path / "bart")
+    lm_weights = next((tmp_path / "bart" / "lm").glob("*.safetensors"))
+    lm_weights.write_bytes(b"\0" * 64)  # overwritten
+    with pytest.raises(ModelLoadError, match=re.escape(str(lm_weights))):
+        load_student(tmp_path / "bart")

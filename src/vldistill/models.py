@@ -93,6 +93,21 @@ def check_model_source(name_or_path: str) -> bool:
     return False
 
 
+def check_saved_model(directory: str | os.PathLike) -> None:
+    """Check a saved model directory of any student kind before loading it: it exists, holds weights (in it or in
+    a sub-directory, such as a seq2seq student's ``lm/``), and every safetensors file has a readable header covering
+    the file; a problem is an error naming the directory or file."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(directory)!r} does not exist")
+    weights = sorted(f for pattern in _WEIGHT_FILES for f in path.rglob(pattern))
+    if not weights:
+        raise ModelLoadError(f"{path}: no weights file (model.safetensors) in this model directory")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            _check_safetensors(file)
+
+
 def _check_safetensors(file: Path) -> None:
     from safetensors import safe_open
 

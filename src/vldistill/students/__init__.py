@@ -9,7 +9,7 @@ with a task head, CLIP-TD / MAD).
 import json
 from pathlib import Path
 
-from ..models import DualEncoder
+from ..models import DualEncoder, check_saved_model
 from .crossmodal import CrossModalProcessor, CrossModalStudent
 from .kinds import STUDENT_KINDS, STUDENT_OUTPUTS, StudentKind, set_trainable
 from .presets import (
@@ -33,6 +33,7 @@ STUDENT_KINDS.register("dual_encoder")(DualEncoder)
 def load_student(directory):
     """Load a student saved by ``save_pretrained``, whatever its kind: a directory with a ``vldistill.json`` names its
     kind (seq2seq, crossmodal); any other is a Hugging Face dual encoder."""
+    check_saved_model(directory)
     config = Path(directory) / "vldistill.json"
     if config.is_file():
         kind = json.loads(config.read_text(encoding="utf-8")).get("kind", "dual_encoder")

@@ -38,6 +38,7 @@ from transformers import (
     ViltModel,
 )
 
+from ..models import check_model_source, check_saved_model
 from ..outputs import Embeddings, ModelDims
 from .kinds import STUDENT_KINDS, STUDENT_OUTPUTS, StudentKind
 from .presets import STUDENT_MEAN, STUDENT_STD, STUDENTS
@@ -452,6 +453,8 @@ def vilt(
         )
     if not name_or_path:
         raise ValueError("student preset 'vilt' needs student.name_or_path (a hub id or a directory)")
+    if check_model_source(name_or_path):  # a local directory: weights present, safetensors readable (named if not)
+        check_saved_model(name_or_path)
     if (Path(name_or_path) / CONFIG_NAME).is_file():
         student = CrossModalStudent.from_pretrained(name_or_path)
         if student.task != task:

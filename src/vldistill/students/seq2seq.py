@@ -42,6 +42,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from ..models import check_model_source, check_saved_model
 from ..outputs import Embeddings, ModelDims
 from ..tokenization import train_wordpiece
 from .kinds import STUDENT_KINDS, STUDENT_OUTPUTS, StudentKind
@@ -519,6 +520,8 @@ def seq2seq(tokenizer=None, teacher=None, name_or_path: str | None = None, **opt
     """
     if not name_or_path:
         raise ValueError("student preset 'seq2seq' needs student.name_or_path (a hub id or a directory)")
+    if check_model_source(name_or_path):  # a local directory: weights present, safetensors readable (named if not)
+        check_saved_model(name_or_path)
     if (Path(name_or_path) / CONFIG_NAME).is_file():
         if options or tokenizer is not None:
             raise ValueError("student preset 'seq2seq' loads a saved student as it was saved; it takes no options")
