@@ -171,7 +171,8 @@ def plot_examples(
     cols = 4
     rows = (n + cols - 1) // cols
     lines = 1 + len(predictions)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, (2.6 + 0.3 * lines) * rows), squeeze=False)
+    height = (2.6 + 0.3 * lines) * rows + 0.6  # each row: the image, then one line per model below it
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, height), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -190,8 +191,11 @@ def plot_examples(
                 fontsize=8,
                 color="#1a7f37" if right else "#c62828",
             )
-    fig.suptitle("test images and zero-shot predictions (English prompts)", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle("test images and zero-shot predictions (English prompts)", fontsize=11, y=1 - 0.15 / height)
+    # tight_layout ignores the prediction lines drawn below each image: leave room for them explicitly
+    fig.subplots_adjust(
+        left=0.01, right=0.99, top=1 - 0.7 / height, bottom=0.3 * lines / height, hspace=0.14 * lines + 0.25
+    )
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
