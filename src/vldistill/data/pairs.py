@@ -280,18 +280,23 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = range(len(self.samples))[index]  # normalises negative indices and raises IndexError
         sample = self.samples[index]
-        if self._images is not None:
-            image = self._images[index]
-        else:
-            try:
-                image = decode_image(sample)
-            except DataError as err:  # the file changed after the check at construction
-                raise DataError(f"{self._where(index, sample)}: {err}") from err
+        image = image_at(self, index, sample, decode_image)
         captions = {lang: sample.captions[lang] for lang in self.languages}
         return {"index": index, "image": image, "captions": captions, "label": sample.label}
 
     def __repr__(self) -> str:
         return f"PairDataset({len(self)} samples, languages={self.languages}, source={self.source!r})"
+
+
+def image_at(dataset: Any, index: int, sample: Any, decode: Callable[[Any], Image.Image]) -> Image.Image:
+    """Item ``index``'s image: the one decoded at construction, or decoded now; a file that changed since the check
+    at construction fails naming the dataset's row. Shared by :class:`PairDataset` and the task datasets."""
+    if dataset._images is not None:
+        return dataset._images[index]
+    try:
+        return decode(sample)
+    except DataError as err:
+        raise DataError(f"{dataset._where(index, sample)}: {err}") from err
 
 
 def _check_language_list(languages: Sequence[str] | None, source: str) -> list[str] | None:

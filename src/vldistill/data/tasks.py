@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vldistill.data.pairs import DataError, PairDataset, Sample, decode_image
+from vldistill.data.pairs import DataError, PairDataset, Sample, decode_image, image_at
 
 __all__ = [
     "DEFAULT_QUESTION_TYPE",
@@ -488,13 +488,7 @@ class TaskDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = range(len(self.samples))[index]  # normalises negative indices and raises IndexError
         sample = self.samples[index]
-        if self._images is not None:
-            image = self._images[index]
-        else:
-            try:
-                image = _decode(sample)
-            except DataError as err:  # the file changed after the check at construction
-                raise DataError(f"{self._where(index, sample)}: {err}") from err
+        image = image_at(self, index, sample, _decode)
         return {"index": index, "image": image, "kind": self.kind, **self._fields(sample)}
 
     def _fields(self, sample: TaskSample) -> dict[str, Any]:
