@@ -20,12 +20,13 @@ from transformers import AutoProcessor, CLIPModel, ViltConfig, ViltForQuestionAn
 from helpers import assert_same_rows, read_metrics
 from vldistill.batching import teacher_texts
 from vldistill.cli import main
+from vldistill.config import load_recipe
 from vldistill.data.sources import load_data, load_task_data
 from vldistill.students import build_student, load_student
 from vldistill.students.crossmodal import vilt_image_processor
 from vldistill.tasks.predict import task_predictor
 from vldistill.tokenization import train_wordpiece
-from vldistill.train.fit import tokenizer_corpus
+from vldistill.train.fit import load_train_data, tokenizer_corpus
 from vldistill.train.mad import AdaptationPairs
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
@@ -91,6 +92,11 @@ def test_cliptd_recipe_tiny_mode_adds_clip_td_to_the_task_loss(runs, recipe):
     result = json.loads((out / "eval.json").read_text())
     headline = result["student"].get("accuracy", result["student"].get("q2a"))
     assert 0.0 <= headline <= 1.0 and result["split"]["low_shot"] == 0.5
+    if recipe == "cliptd-mc":  # VCR's three: Q->A, QA->R given the right answer, Q->AR; the teacher's zero-shot too
+        for who in ("student", "teacher"):
+            scores = result[who]
+            assert {"q2a", "qa2r", "q2ar", "count"} == set(scores) and scores["count"] == 16
+            assert scores["q2ar"] <= min(scores["q2a"], scores["qa2r"])
     # the projection heads are trained and checkpointed with the run, never exported with the student
     latest = (out / "checkpoints" / "latest").read_text().strip()
     weights = load_file(out / "checkpoints" / latest / "module.safetensors")
@@ -101,6 +107,10 @@ def test_cliptd_recipe_tiny_mode_adds_clip_td_to_the_task_loss(runs, recipe):
     assert student.kind == "crossmodal" and student.task == {"vqa": "vqa", "entailment": "entailment"}.get(
         RECIPE_TASK[recipe], "multiple_choice"
     )
+    # every task's export is a ViltForQuestionAnswering whose classifier is the student's head
+    labels = ViltForQuestionAnswering.from_pretrained(out / "student").config.id2label
+    expected = {"entailment": ["entailment", "neutral", "contradiction"], "mc": ["score"]}.get(RECIPE_TASK[recipe])
+    assert [labels[i] for i in range(len(labels))] == (expected or student.labels)
 
 
 def test_the_vqa_student_answers_with_transformers_alone(runs):
@@ -249,6 +259,10 @@ def test_a_cache_gives_the_live_teachers_losses(tmp_path, teacher_dir, runs, rec
     live = read_metrics(runs(recipe))
     assert {"clip_td", "clip_td/w"} <= set(live[0])
     assert_same_rows(read_metrics(out), live, rel=1e-4)
+    if recipe == "cliptd-mc":  # one row per Q->A and per QA->R sample, both with C candidates in one field
+        items = load_train_data(load_recipe(recipe, tiny=True).data).dataset
+        dataset = json.loads((cache / "manifest.json").read_text())["dataset"]
+        assert dataset["rows"] == 2 * len(items) and sorted(dataset["fields"]) == ["candidates", "question"]
 
 
 def test_mad_cannot_read_a_cache(tmp_path, teacher_dir, capsys):
@@ -340,7 +354,7 @@ def test_an_adaptation_batch_larger_than_its_pairs_is_refused(tmp_path, teacher_
 
 
 def test_adapt_options_are_checked_with_their_key():
-    from vldistill.config import ConfigError, load_recipe
+    from vldistill.config import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape("unknown key 'adapt.step'; allowed keys of adapt: steps, batch")):
         load_recipe("mad-vqa", {"adapt.step": 3})

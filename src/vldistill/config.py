@@ -121,7 +121,8 @@ class DataConfig:
     """Training and evaluation data."""
 
     train: str = "bundled:easyvqa"
-    """``bundled:easyvqa``, a ``.jsonl``/``.csv`` manifest, or ``hf:NAME_OR_PATH`` (a ``datasets`` dataset)."""
+    """``bundled:easyvqa``, a ``.jsonl``/``.csv`` manifest, ``hf:NAME_OR_PATH`` (a ``datasets`` dataset), or
+    webdataset tar shards ``wds:PATH/{00000..00099}.tar`` (streamed in training: ``streaming``)."""
     eval: str | None = "bundled:easyvqa"
     """Evaluation data in the same forms; ``null`` skips evaluation."""
     languages: list[str] = field(default_factory=lambda: ["en", "zh"])
@@ -162,6 +163,20 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     """The training regime, the same for every method compared: ``low_shot`` (a seeded fraction of the training
     items), ``domain_shift`` (``combos`` or ``phrasings`` held out of training and tested on), or both."""
+    streaming: bool | None = None
+    """Read the training data as a stream at constant memory (each process and DataLoader worker its own shards, a
+    bounded shuffle buffer, reshuffled every epoch; see ``vldistill.data.streaming``). ``null`` (default): webdataset
+    tar shards (``wds:PATTERN``) stream, everything else is read map-style; ``true``: ``hf:`` datasets stream too
+    (``load_dataset(..., streaming=True)``); ``false``: tar shards are read by offset (random access, an index of 56
+    bytes per sample). A streamed source takes no ``limit_train``, ``paired`` or ``split.low_shot`` (they select
+    samples by index). ``vldistill cache`` always reads its data map-style."""
+    shuffle_buffer: int = 1000
+    """Samples each DataLoader worker of a streamed source holds to shuffle within (0: shard order only)."""
+    rationales: bool = True
+    """Multiple choice: use the items' rationales as VCR does: each item trains as two samples of the one head, Q->A
+    (question, candidate answers) and QA->R (question + right answer, candidate rationales), and the evaluation
+    reports ``q2a``, ``qa2r`` (given the right answer) and ``q2ar`` (both right). ``false``: the rationales are
+    dropped, Q->A only. Training on both needs as many rationales as candidates per item."""
 
     def __post_init__(self):
         if self.split.domain_shift is not None and self.task == "pairs":
@@ -169,6 +184,8 @@ class DataConfig:
                 f"split.domain_shift = {self.split.domain_shift!r}: holds out task items (VQA, entailment, multiple "
                 "choice); set data.task, or use split.low_shot / data.paired for image-text pairs"
             )
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"shuffle_buffer = {self.shuffle_buffer}: give 0 (no buffer) or a number of samples")
         p = self.paired
         if p is not None and (isinstance(p, bool) or p <= 0 or (p > 1 and p != int(p))):
             raise ConfigError(f"paired = {p!r}: give a count of samples (> 1), a fraction in (0, 1], or null for all")

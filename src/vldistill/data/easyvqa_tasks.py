@@ -39,7 +39,9 @@ the shape?", "What shape is it?", two phrasings each), four candidate answers (t
 for "what is in the image" one distractor shares the colour, one the shape, one neither; shape questions use the
 two other shapes and one shape easy-vqa never draws) and four candidate rationales ("Because it is filled with red.",
 "Because it has three corners.", ...): the right rationale is true of the image, the three distractors are false of
-it and drawn independently of the answer distractors. Candidates and rationales are shuffled separately.
+it and drawn independently of the answer distractors. Candidates and rationales are shuffled separately. Each item
+is trained as two candidate-scoring samples, Q->A and QA->R (question + right answer, the 4 rationales), and
+evaluated as VCR is (Q->A, QA->R given the right answer, Q->AR); ``rationales=False`` drops the rationales (Q->A).
 
 Everything is deterministic given (split, seed): each image's items come from a generator seeded with the split,
 the seed and the image id, so ``limit`` changes which images are used but not their items.
@@ -322,15 +324,19 @@ def _hypothesis(color: str, shape: str, label: str, rng: random.Random) -> str:
 # Multiple choice.
 
 
-def easyvqa_mc(split: str, limit: int | None = None, seed: int = 0) -> TaskDataset:
+def easyvqa_mc(split: str, limit: int | None = None, seed: int = 0, rationales: bool = True) -> TaskDataset:
     """One multiple-choice question per easy-vqa image, with 4 candidate answers and 4 candidate rationales.
 
     Args:
         split: "train" (4,000 images) or "test" (1,000).
         limit: keep only this many items (images in a seeded order; a smaller limit gives a subset of a larger one).
         seed: seeds the image order, the questions, the distractors and the shuffles.
+        rationales: keep the rationales (VCR's QA->R, trained beside Q->A, and the Q->AR metric); False: Q->A only.
+            The answers and their order do not depend on it.
     """
     _check_args(split, limit)
+    if not isinstance(rationales, bool):
+        raise DataError(f"easy-vqa multiple choice rationales must be true or false, got {rationales!r}")
 
     def make(image: LabelledImage, rng: random.Random) -> list[ChoiceSample]:
         kind = rng.choice(tuple(MC_QUESTIONS))
@@ -354,7 +360,8 @@ def easyvqa_mc(split: str, limit: int | None = None, seed: int = 0) -> TaskDatas
         return [item]
 
     samples = _generated(split, limit, seed, "mc", make)
-    return TaskDataset(samples, "multiple_choice", preload=True, source=f"easy-vqa/{split}/multiple_choice")
+    dataset = TaskDataset(samples, "multiple_choice", preload=True, source=f"easy-vqa/{split}/multiple_choice")
+    return dataset if rationales else dataset.without_rationales()
 
 
 def _mc_answers(kind: str, color: str, shape: str, rng: random.Random) -> tuple[str, list[str]]:

@@ -3,7 +3,8 @@ or ``imagefolder`` on local files, or a dataset saved with ``save_to_disk``) and
 map its columns and read its image cells, which :mod:`vldistill.data.task_loaders` reuses for task samples.
 
 Rows become samples exactly as manifest rows do (:mod:`vldistill.data.pairs`); ``load_hf_dataset`` is re-exported
-there.
+there. :class:`HfStream` streams a dataset for training instead (``data.streaming: true``; a ``datasets``
+``IterableDataset``, ``load_dataset(..., streaming=True)``), at constant memory: see :mod:`vldistill.data.streaming`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ from vldistill.data.pairs import (
     _REQUIRED_COLUMNS,
     DataError,
     PairDataset,
+    Sample,
     _build_dataset,
     _parse_row,
     _Row,
+    decode_image,
     resolve_image,
 )
+from vldistill.data.streaming import ShardStream
+
+_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # a directory written by save_to_disk
 
 # Column names tried, in order, when `load_hf_dataset` is given no mapping for a key.
 _HF_DEFAULT_COLUMNS = {
@@ -93,8 +99,7 @@ def _open_hf(name_or_path: str | os.PathLike, split: str | None, load_kwargs: di
     import datasets  # imported here: it takes about a second and manifests do not need it
 
     path = Path(name_or_path)
-    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
-    if path.is_dir() and any((path / marker).is_file() for marker in markers):
+    if path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS):
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
@@ -206,3 +211,125 @@ def _hf_image(value: Any, name: str, root: Path, root_only: bool = False) -> tup
     if isinstance(value, str | os.PathLike) and str(value).strip():
         return resolve_image(root, str(value), root_only), None
     raise DataError(f"no image (got {type(value).__name__} {value!r:.60})")
+
+
+class HfStream(ShardStream):
+    """Image-caption pairs streamed from a Hugging Face dataset (a ``datasets.IterableDataset``) at constant memory,
+    split over processes and DataLoader workers by the dataset's own shards (its data files; see
+    :mod:`vldistill.data.streaming`). One row is one sample: its captions come from ``caption_<lang>`` columns, or
+    from the ``caption`` column in the first of ``languages`` (a ``lang`` column, when mapped, must agree). Items are
+    ``{"index", "key", "image", "captions", "label"}``; ``key`` is ``SPLIT[shard]#position``.
+
+    A saved dataset directory (``save_to_disk``) is opened with ``load_from_disk`` and streamed from its Arrow files
+    (``to_iterable_dataset``, one shard per file); anything else with ``load_dataset(..., streaming=True)``.
+
+    The per-shard sample counts of a stream are not known without reading it: a sample's ``index`` is then
+    ``shard * 2**40 + position`` and a teacher-output cache cannot be matched to it (training from a cache needs the
+    dataset read map-style, ``data.streaming: false``).
+
+    Args:
+        name_or_path, split, columns, image_root, image_root_only, **load_kwargs: as :func:`load_hf_dataset`.
+        languages: the caption languages every sample needs.
+        shuffle_buffer: samples each worker shuffles within (``data.shuffle_buffer``).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike,
+        split: str | None = "train",
+        columns: Mapping[str, str | None] | None = None,
+        languages: Sequence[str] | None = None,
+        shuffle_buffer: int = 1000,
+        image_root: str | os.PathLike | None = None,
+        image_root_only: bool = False,
+        **load_kwargs: Any,
+    ):
+        import datasets
+
+        super().__init__(shuffle_buffer)
+        self.source = _hf_source(name_or_path, split, load_kwargs)
+        path = Path(name_or_path)
+        if path.is_dir() and any((path / m).is_file() for m in _SAVED_MARKERS):
+            saved = _open_hf(name_or_path, split, load_kwargs)
+            dataset = saved.to_iterable_dataset(num_shards=max(1, len(saved.cache_files)))
+        else:
+            try:
+                dataset = datasets.load_dataset(str(name_or_path), split=split, streaming=True, **load_kwargs)
+            except ValueError as err:  # e.g. an unknown split
+                raise DataError(f"{self.source}: {err}") from None
+            if isinstance(dataset, datasets.IterableDatasetDict):
+                raise DataError(f"{name_or_path}: pass split=, one of {', '.join(dataset)}")
+        available = list(dataset.column_names or next(iter(dataset)).keys())
+        self.mapping = _resolve_columns(available, columns, self.source)
+        if isinstance((dataset.features or {}).get(self.mapping["image"]), datasets.Image):
+            dataset = dataset.cast_column(self.mapping["image"], datasets.Image(decode=False))
+        self.dataset = dataset.select_columns(sorted(set(self.mapping.values())))
+        per_lang = [k.removeprefix("caption_") for k in self.mapping if k.startswith("caption_")]
+        self.languages = per_lang or list(languages or ["en"])[:1]
+        missing = [lang for lang in languages or [] if lang not in self.languages]
+        if missing:
+            raise DataError(f"{self.source}: no captions in {missing} (it streams captions in {self.languages})")
+        self.root = Path(image_root) if image_root is not None else _hf_image_root(name_or_path, load_kwargs)
+        self.root_only = image_root_only
+        self.split = split or ""
+
+    @property
+    def n_shards(self) -> int:
+        return self.dataset.num_shards
+
+    def shard_samples(self, shard: int) -> Iterator[dict[str, Any]]:
+        yield from self.dataset.shard(num_shards=self.n_shards, index=shard, contiguous=True)
+
+    def decode(self, raw: dict[str, Any], shard: int, position: int) -> dict[str, Any]:
+        name = f"{self.source}[{shard}]#{position}"
+        record = {key: raw[col] for key, col in self.mapping.items()}
+        try:
+            image_name, data = _hf_image(record.get("image"), name, self.root, self.root_only)
+            image = decode_image(Sample(image_name, {}, data=data))
+            captions = {}
+            for lang in self.languages:
+                text = record.get(f"caption_{lang}", record.get("caption"))
+                if not isinstance(text, str) or not text.strip():
+                    raise DataError(f"no caption in {lang!r} (got {text!r:.60})")
+                captions[lang] = text.strip()
+            if "lang" in record and record["lang"] not in (None, "", self.languages[0]):
+                raise DataError(f"lang {record['lang']!r}: this stream reads captions in {self.languages[0]!r}")
+            label = record.get("label")
+            label = label if isinstance(label, int) and not isinstance(label, bool) and label >= -1 else -1
+        except DataError as err:
+            raise DataError(f"{name} (shard {shard}, row {position} of the shard): {err}") from None
+        return {"key": name, "image": image, "captions": captions, "label": label}
+
+    def captions(self, languages: Sequence[str], limit: int) -> list[str]:
+        """The first ``limit`` captions in the shards' order (a tokenizer's corpus), no image decoded."""
+        out: list[str] = []
+        for shard in range(self.n_shards):
+            for raw in self.shard_samples(shard):
+                if len(out) >= limit:
+                    return out
+                record = {key: raw[col] for key, col in self.mapping.items()}
+                out += [
+                    str(record.get(f"caption_{lang}", record.get("caption")) or "")
+                    for lang in self.languages
+                    if lang in languages
+                ]
+        return out
+
+    def __len__(self) -> int:
+        """The number of samples: from the dataset's split information when it has it, else by reading it once."""
+        info = getattr(self.dataset, "info", None)
+        splits = getattr(info, "splits", None) or {}
+        if self.split in splits and splits[self.split].num_examples:
+            return int(splits[self.split].num_examples)
+        return sum(1 for shard in range(self.n_shards) for _ in self.shard_samples(shard))
+
+    def row_digests(self, fields: Sequence[str], rows: Sequence[int] | None = None) -> Any:
+        """Refused: a teacher cache finds a sample's row by its position in the data it was built on, which a
+        streamed ``hf:`` dataset does not know before reading it."""
+        raise DataError(
+            f"{self.source}: a streamed hf: dataset cannot be matched to a teacher cache (its per-shard sample counts "
+            "are unknown); train from the cache with data.streaming: false, or convert the data to webdataset shards"
+        )
+
+    def __repr__(self) -> str:
+        return f"HfStream({self.n_shards} shards, source={self.source!r}, shuffle_buffer={self.shuffle_buffer})"

@@ -1,4 +1,5 @@
-"""One entry point from a data spec string to labelled data: ``bundled:NAME``, a manifest, or ``hf:NAME``.
+"""One entry point from a data spec string to labelled data: ``bundled:NAME``, a manifest, or ``hf:NAME``; and
+:func:`load_stream` for training sources read as a stream (webdataset tar shards, streaming ``hf:`` datasets).
 
 Bundled datasets are registered in :data:`DATASETS` (``vldistill info`` lists them); adding one is one decorated
 function returning :class:`LabelledData` (image-caption pairs) or a :class:`~vldistill.data.tasks.TaskDataset`
@@ -19,9 +20,11 @@ from ..evaluation import EvalSet
 from ..registry import Registry
 from .easyvqa import load_easyvqa
 from .easyvqa_tasks import easyvqa_entailment, easyvqa_mc, easyvqa_vqa
+from .hf import HfStream
 from .pairs import DataError, PairDataset, load_hf_dataset, load_manifest
+from .streaming import ShardStream
 from .tasks import TaskDataset, load_task_hf, load_task_manifest
-from .webdataset import TarPairs, is_tar_spec
+from .webdataset import TarPairs, TarStream, is_tar_spec
 
 DATASETS = Registry("dataset")
 
@@ -152,6 +155,52 @@ def load_data(
     if templates:
         data.templates = templates
     return data
+
+
+def streams(spec: str, streaming: bool | None) -> bool:
+    """Whether training reads ``spec`` as a stream (``data.streaming``): by default (``None``) webdataset tar shards
+    are streamed and everything else is read map-style; ``True`` also streams ``hf:`` datasets, and is refused for
+    bundled data and manifests (held in memory anyway)."""
+    if streaming is None:
+        return is_tar_spec(spec)
+    if streaming and not (is_tar_spec(spec) or spec.startswith("hf:")):
+        raise DataError(
+            f"data.streaming: true: {spec!r} cannot be streamed; webdataset tar shards (wds:PATTERN) and hf: datasets "
+            "can (bundled data and manifests are read into memory)"
+        )
+    return streaming
+
+
+def load_stream(
+    spec: str,
+    split: str = "train",
+    languages: Sequence[str] | None = None,
+    columns: dict[str, str] | None = None,
+    shuffle_buffer: int = 1000,
+    image_root: str | None = None,
+    image_root_only: bool = False,
+) -> LabelledData:
+    """Training data read as a stream (:mod:`vldistill.data.streaming`): :class:`~vldistill.data.webdataset.TarStream`
+    for tar shards, :class:`~vldistill.data.hf.HfStream` for ``hf:NAME_OR_PATH``. Only image-caption pairs stream."""
+    stream: ShardStream
+    if is_tar_spec(spec):
+        langs = list(languages or ["en"])
+        if len(langs) > 1:
+            raise DataError(f"data spec {spec!r}: tar shards hold captions in one language, the run asks for {langs}")
+        stream = TarStream(spec, language=langs[0], shuffle_buffer=shuffle_buffer)
+    elif spec.startswith("hf:"):
+        stream = HfStream(
+            spec.removeprefix("hf:"),
+            split=split,
+            columns=columns or None,
+            languages=languages,
+            shuffle_buffer=shuffle_buffer,
+            image_root=image_root,
+            image_root_only=image_root_only,
+        )
+    else:
+        raise DataError(f"data spec {spec!r}: only webdataset tar shards (wds:PATTERN) and hf: datasets stream")
+    return LabelledData(stream)
 
 
 def load_task_data(

@@ -165,8 +165,10 @@ def _parse_record(
     where: str,
     locate: Callable[[], tuple[str, bytes | Image.Image | None]],
     default_id: str,
+    rationales: bool = True,
 ) -> TaskSample | _Rejected:
-    """One row as a sample of ``kind``, or the reason it cannot be read. ``locate`` gives (image, in-memory data)."""
+    """One row as a sample of ``kind``, or the reason it cannot be read. ``locate`` gives (image, in-memory data);
+    without ``rationales`` a multiple-choice row's rationale columns are not read."""
     try:
         image, data = locate()
         common = {
@@ -193,8 +195,8 @@ def _parse_record(
             question=_cell_text(record, "question", required=True),
             candidates=_cell_texts(record, "candidates", required=True),
             answer_index=_cell_index(record, "answer", "candidates", required=True),
-            rationales=_cell_texts(record, "rationales", required=False),
-            rationale_index=_cell_index(record, "rationale", "rationales", required=False),
+            rationales=_cell_texts(record, "rationales", required=False) if rationales else [],
+            rationale_index=_cell_index(record, "rationale", "rationales", required=False) if rationales else -1,
         )
     except DataError as err:
         return _Rejected(f"{where}: {err}")
@@ -212,6 +214,7 @@ def load_task_manifest(
     answers: Sequence[str] | None = None,
     preload: bool = False,
     image_root_only: bool = False,
+    rationales: bool = True,
 ) -> TaskDataset:
     """Reads a JSONL manifest with one item of ``kind`` per row.
 
@@ -220,7 +223,11 @@ def load_task_manifest(
     ``question``, ``answers`` (a list of strings) or ``answer`` (one string), optional ``question_type`` (default
     ``"other"``). Entailment: ``hypothesis``, ``label`` (``"entailment"``/``"neutral"``/``"contradiction"`` or
     0/1/2). Multiple choice: ``question``, ``candidates`` (a list), ``answer`` (index into the candidates), optional
-    ``rationales`` (a list) and ``rationale`` (index into the rationales). Rows are numbered as lines, from 1.
+    ``rationales`` (a list, as many as the candidates to train QA->R) and ``rationale`` (index into the rationales),
+    e.g. ``{"image": "a.png", "question": "What shape is it?", "candidates": ["circle", "star"], "answer": 0,
+    "rationales": ["It has no corners.", "It has five points."], "rationale": 0}``: an item with rationales is
+    trained and evaluated as VCR's Q->A and QA->R (:meth:`~vldistill.data.tasks.TaskDataset.rationale_samples`).
+    Rows are numbered as lines, from 1.
 
     Args:
         path: the manifest (``.jsonl`` or ``.ndjson``).
@@ -231,6 +238,7 @@ def load_task_manifest(
             answer is not in it is bad. None builds it from this manifest's answers.
         preload: keep decoded images in memory.
         image_root_only: refuse (as a bad row) an image path that resolves outside the image root.
+        rationales: multiple choice: read the ``rationales`` / ``rationale`` columns (False: ignore them, Q->A only).
 
     Raises:
         DataError: the file is missing or malformed, a required column is missing, or (without ``skip_bad``) a row
@@ -261,7 +269,7 @@ def load_task_manifest(
                 raise DataError("empty image (expected a path)")
             return resolve_image(root, image.strip(), image_root_only), None
 
-        entries.append(_parse_record(record, kind, where, locate, str(lineno)))
+        entries.append(_parse_record(record, kind, where, locate, str(lineno), rationales))
     return TaskDataset._from_entries(entries, kind, source, answers, skip_bad, preload)
 
 
@@ -288,6 +296,7 @@ def load_task_hf(
     preload: bool = False,
     image_root: str | os.PathLike | None = None,
     image_root_only: bool = False,
+    rationales: bool = True,
     **load_kwargs: Any,
 ) -> TaskDataset:
     """Reads items of ``kind`` from a Hugging Face dataset, one item per row.
@@ -310,6 +319,7 @@ def load_task_hf(
         preload: keep decoded images in memory.
         image_root: directory that relative image paths are resolved against (default as in ``load_hf_dataset``).
         image_root_only: refuse (as a bad row) an image path that resolves outside the image root.
+        rationales: multiple choice: read the rationale columns (False: ignore them, Q->A only).
         **load_kwargs: passed to ``datasets.load_dataset``.
 
     Raises:
@@ -328,7 +338,7 @@ def load_task_hf(
         record = {key: table[col][i] for key, col in mapping.items()}
 
         locate = partial(_hf_image, record.get("image"), f"{source}[{i}]", root, image_root_only)
-        entries.append(_parse_record(record, kind, f"{source} row {i}", locate, str(i)))
+        entries.append(_parse_record(record, kind, f"{source} row {i}", locate, str(i), rationales))
     return TaskDataset._from_entries(entries, kind, source, answers, skip_bad, preload)
 
 

@@ -12,6 +12,11 @@ answer vocabulary (:attr:`TaskDataset.answers`): the training target of a questi
 answer and ``answer_index`` is that answer's position in the vocabulary. An evaluation set is loaded with the
 training vocabulary (``answers=train.answers``) so that the indices agree.
 
+Multiple choice follows VCR: an item with rationales is two candidate-scoring problems, Q->A and QA->R (the question
+with the right answer, the rationales as candidates). :meth:`TaskDataset.rationale_samples` gives the training
+samples (both per item, so one head learns both); evaluation keeps the items and scores QA->R given the right answer
+(:func:`rationale_item`). :meth:`TaskDataset.without_rationales` (``data.rationales: false``) keeps Q->A only.
+
 Sources: :func:`load_task_manifest` reads a JSONL manifest with one row per item, :func:`load_task_hf` a Hugging
 Face dataset (the same conventions as :func:`~vldistill.data.hf.load_hf_dataset`); both live in
 :mod:`vldistill.data.task_loaders` and are re-exported here.
@@ -41,6 +46,7 @@ __all__ = [
     "answer_vocabulary",
     "load_task_hf",
     "load_task_manifest",
+    "rationale_item",
     "target_answer",
 ]
 
@@ -120,6 +126,9 @@ class EntailmentSample(TaskSample):
 class ChoiceSample(TaskSample):
     """A question with candidate answers and optionally candidate rationales (as in VCR: Q->A, QA->R).
 
+    An item with rationales holds two candidate-scoring problems (:meth:`split_rationales`): Q->A (the question, the
+    candidate answers) and QA->R (the question with the right answer, the candidate rationales).
+
     Attributes:
         answer_index: index of the right candidate.
         rationales: candidate rationales for the right answer; empty if none.
@@ -137,6 +146,53 @@ class ChoiceSample(TaskSample):
     @property
     def text(self) -> str:
         return self.question
+
+    def split_rationales(self) -> tuple[ChoiceSample, ChoiceSample | None]:
+        """The item as its Q->A sample and its QA->R sample (None without rationales), neither with rationales.
+
+        QA->R (VCR's protocol: the rationale is chosen given the right answer): question ``question + " " +
+        right answer``, candidates the rationales, ``answer_index`` the right rationale; its id and origin end in
+        ``" QA->R"``. Both are ordinary candidate-scoring samples: a student and a teacher read them alike.
+        """
+        q2a = replace(self, rationales=[], rationale_index=-1)
+        if not self.rationales:
+            return q2a, None
+        qa2r = replace(
+            q2a,
+            id=f"{self.id} QA->R" if self.id else "",
+            origin=f"{self.origin} QA->R" if self.origin else "",
+            question=_qa2r_question(self.question, self.candidates, self.answer_index),
+            candidates=list(self.rationales),
+            answer_index=self.rationale_index,
+        )
+        return q2a, qa2r
+
+
+def _qa2r_question(question: str, candidates: Sequence[str], answer_index: int) -> str:
+    """The query of a QA->R sample: the question and the right answer (the text ``teacher_texts`` puts before each
+    rationale)."""
+    return f"{question} {candidates[answer_index]}"
+
+
+def rationale_item(item: Mapping[str, Any]) -> dict[str, Any]:
+    """The QA->R sample of a multiple-choice item dict (``TaskDataset[i]``) as an item dict of its own: question +
+    right answer, the rationales as candidates, the right rationale as ``answer_index``.
+
+    Raises:
+        ValueError: the item has no rationales.
+    """
+    rationales = list(item.get("rationales") or [])
+    if not rationales:
+        raise ValueError(f"multiple-choice item {item.get('index')!r} has no rationales: it has no QA->R sample")
+    question = _qa2r_question(item["question"], item["candidates"], item["answer_index"])
+    return {
+        **item,
+        "question": question,
+        "candidates": rationales,
+        "answer_index": item.get("rationale_index", -1),
+        "rationales": [],
+        "rationale_index": -1,
+    }
 
 
 _SAMPLE_TYPES: dict[str, type[TaskSample]] = {
@@ -474,13 +530,61 @@ class TaskDataset(Dataset):
         picks = [range(len(self.samples))[i] for i in indices]  # normalises negative indices, raises IndexError
         if not picks:
             raise ValueError(f"{self.source or 'dataset'}: a subset needs at least one index")
+        images = [self._images[i] for i in picks] if self._images is not None else None
+        return self._derived([self.samples[i] for i in picks], images, self.source)
+
+    def _derived(self, samples: list[TaskSample], images: list[Image.Image] | None, source: str) -> TaskDataset:
+        """A dataset of already checked samples (no check, no decoding), with this one's vocabulary."""
         new = TaskDataset.__new__(TaskDataset)
-        new.kind, new.source, new.answers = self.kind, self.source, list(self.answers)
-        new.skipped, new.skipped_reasons, new.total = 0, [], len(picks)
-        new.samples = [self.samples[i] for i in picks]
+        new.kind, new.source, new.answers = self.kind, source, list(self.answers)
+        new.skipped, new.skipped_reasons, new.total = 0, [], len(samples)
+        new.samples = samples
         new._answer_index = dict(self._answer_index)
-        new._images = [self._images[i] for i in picks] if self._images is not None else None
+        new._images = images
         return new
+
+    def has_rationales(self) -> bool:
+        """Whether any item holds rationales (multiple choice: QA->R and Q->AR can be trained and measured)."""
+        return any(isinstance(s, ChoiceSample) and s.rationales for s in self.samples)
+
+    def without_rationales(self) -> TaskDataset:
+        """Multiple choice: the same items without their rationales (Q->A only: ``data.rationales: false``); any
+        other dataset unchanged."""
+        if not self.has_rationales():
+            return self
+        samples = [replace(s, rationales=[], rationale_index=-1) for s in self.samples]  # type: ignore[call-arg]
+        return self._derived(samples, self._images, self.source)
+
+    def rationale_samples(self) -> TaskDataset:
+        """The training samples of a multiple-choice dataset with rationales: per item its Q->A sample, then its
+        QA->R sample (:meth:`ChoiceSample.split_rationales`), both without rationales, so every sample has the same
+        text fields and one head scores both (an item without rationales gives its Q->A sample alone). Images are
+        shared, not decoded again. Any other dataset (and one without rationales) is returned unchanged, so calling
+        this twice changes nothing.
+
+        Raises:
+            DataError: the items have another number of rationales than of candidates (naming the first such item):
+                a batch of candidate-scoring samples has one number of candidates.
+        """
+        if not self.has_rationales():
+            return self
+        samples: list[TaskSample] = []
+        keep: list[int] = []
+        for i, sample in enumerate(self.samples):
+            assert isinstance(sample, ChoiceSample)
+            if sample.rationales and len(sample.rationales) != len(sample.candidates):
+                raise DataError(
+                    f"{self._where(i, sample)}: {len(sample.rationales)} rationales but {len(sample.candidates)} "
+                    "candidates; training on QA->R samples beside Q->A ones needs as many rationales as candidate "
+                    "answers (one head scores both in the same batches); set data.rationales: false to train and "
+                    "evaluate Q->A only"
+                )
+            for part in sample.split_rationales():
+                if part is not None:
+                    samples.append(part)
+                    keep.append(i)
+        images = [self._images[i] for i in keep] if self._images is not None else None
+        return self._derived(samples, images, f"{self.source} (Q->A and QA->R samples)" if self.source else "")
 
     def __len__(self) -> int:
         return len(self.samples)

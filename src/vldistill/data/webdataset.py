@@ -18,7 +18,18 @@ names and sizes, trusts the stored SHA-256 of a shard whose size and modificatio
 ``rsync`` do), and hashes again only the shards whose time changed (a copied dataset: one read of each shard, still no
 decoding). A shard whose bytes changed (one caption edited) has another SHA-256: the cache then checks every row by
 content and refuses the rows it lacks. Not caught: an edit that keeps a shard's size and whose modification time is set
-back by hand.
+back by hand. The fingerprint also stores each shard's sample count (``rows``), so that a stream over the same shards
+finds each sample's cache row without scanning the shards.
+
+**Streaming for training.** :class:`TarStream` reads the same shards as a stream (:mod:`vldistill.data.streaming`:
+each process and DataLoader worker its own shards, a bounded shuffle buffer, reshuffled every epoch): what ``vldistill
+fit`` trains on from ``wds:`` data (``data.streaming``). It holds the shard list and one count per shard, never a
+per-sample index. It reads each shard from start to end with the ``webdataset`` package's tar iterators
+(:func:`iter_shard`); ``webdataset.WebDataset`` itself is not used because its own node and worker splitting and its
+shuffle cannot be replayed from a micro-batch number (what a resumed run needs). A sample's ``index`` is its row in the
+shards' order, the row a cache built on the shards stores it at, found from the per-shard counts (from the cache's
+manifest when it has them, else from one scan of the shards' tar headers, which reads no image); its ``key`` is
+``SHARD/__key__``.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .pairs import DataError, to_rgb
+from .streaming import ShardStream
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -127,7 +139,9 @@ class TarPairs(Dataset):
         self.source = spec
         self.shards = expand_shards(spec)
         self.languages = [language]
-        rows = [row for i, path in enumerate(self.shards) for row in _index_shard(path, i)]
+        per_shard = [_index_shard(path, i) for i, path in enumerate(self.shards)]
+        self.shard_rows = [len(r) for r in per_shard]  # whole shards, before ``limit``: what a fingerprint stores
+        rows = [row for shard in per_shard for row in shard]
         if not rows:
             raise DataError(f"data spec {spec!r}: the tar shards hold no samples")
         if limit is not None:
@@ -184,24 +198,144 @@ class TarPairs(Dataset):
         return out
 
     def shard_fingerprint(self, known: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """Per shard: name, size, modification time (ns) and SHA-256 of its bytes. A shard of ``known`` (a stored
-        fingerprint) with the same name, size and time keeps its stored SHA-256 without being read."""
-        stored = {(k["name"], k["bytes"], k["mtime_ns"]): k["sha256"] for k in known or []}
-        out = []
-        for path in self.shards:
-            st = path.stat()
-            key = (path.name, st.st_size, st.st_mtime_ns)
-            digest = stored.get(key) or file_sha256(path)
-            out.append({"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest})
-        return out
+        """Per shard: name, size, modification time (ns), SHA-256 of its bytes and sample count. A shard of ``known``
+        (a stored fingerprint) with the same name, size and time keeps its stored SHA-256 without being read."""
+        return shard_fingerprint(self.shards, known, self.shard_rows)
 
     def __repr__(self) -> str:
         return f"TarPairs({len(self)} samples in {len(self.shards)} shards, source={self.source!r})"
 
 
-def iter_shard(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """The samples of one shard in order, streamed with the ``webdataset`` package (``{"__key__", "jpg", "txt",
-    ...}``, raw bytes): for sequential tools that need no random access."""
-    import webdataset as wds
+def shard_fingerprint(
+    shards: Sequence[Path], known: Sequence[dict[str, Any]] | None, rows: Sequence[int] | None
+) -> list[dict[str, Any]]:
+    """See :meth:`TarPairs.shard_fingerprint`; ``rows``: the sample count of each shard, when known."""
+    stored = {(k["name"], k["bytes"], k["mtime_ns"]): k["sha256"] for k in known or []}
+    out = []
+    for i, path in enumerate(shards):
+        st = path.stat()
+        key = (path.name, st.st_size, st.st_mtime_ns)
+        digest = stored.get(key) or file_sha256(path)
+        entry = {"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        if rows is not None:
+            entry["rows"] = int(rows[i])
+        out.append(entry)
+    return out
 
-    yield from wds.WebDataset(str(path), shardshuffle=False)
+
+def iter_shard(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The samples of one shard in order (``{"__key__", "__url__", "jpg", "txt", ...}``, raw bytes), read with the
+    ``webdataset`` package's tar iterators: for sequential tools that need no random access. (Not
+    ``webdataset.WebDataset``: it splits its shards over the processes and workers itself, which a caller that chose
+    the shard does not want, and refuses to run in a multi-node job without a node splitter.)"""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    with open(path, "rb") as f:
+        yield from group_by_keys(tar_file_expander([{"stream": f, "url": str(path)}]))
+
+
+class TarStream(ShardStream):
+    """Image-caption pairs streamed from webdataset tar shards at constant memory (see the module docstring and
+    :mod:`vldistill.data.streaming`). Items are ``{"index", "key", "image": PIL RGB, "captions": {language: str},
+    "label"}``, like :class:`TarPairs` items (same ``index``) plus the sample's ``key``.
+
+    Args:
+        spec: the shards (``wds:`` optional, brace patterns).
+        language: the language of the ``.txt`` captions.
+        shuffle_buffer: samples each worker shuffles within (``data.shuffle_buffer``).
+    """
+
+    def __init__(self, spec: str, language: str = "en", shuffle_buffer: int = 1000):
+        super().__init__(shuffle_buffer)
+        self.source = spec
+        self.shards = expand_shards(spec)
+        self.languages = [language]
+        self._counts: list[int | None] = [None] * len(self.shards)
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+    def shard_samples(self, shard: int) -> Iterator[dict[str, Any]]:
+        for sample in iter_shard(self.shards[shard]):
+            image = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            if image is None or "txt" not in sample:
+                lacking = "an image (.jpg/.png/.webp)" if image is None else "a caption (.txt)"
+                have = sorted(k for k in sample if not k.startswith("__"))
+                raise DataError(f"{self.shards[shard]}: sample {sample['__key__']!r} has no {lacking}; it has {have}")
+            yield sample
+
+    def decode(self, raw: dict[str, Any], shard: int, position: int) -> dict[str, Any]:
+        key = f"{self.shards[shard].name}/{raw['__key__']}"
+        data = next(raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                image = to_rgb(img)
+        except Exception as err:
+            raise DataError(f"{self.shards[shard]} sample {raw['__key__']!r}: image cannot be decoded ({err})") from err
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+        label = meta.get("label", -1) if isinstance(meta.get("label", -1), int) else -1
+        caption = raw["txt"].decode("utf-8").strip()
+        return {"key": key, "image": image, "captions": {self.languages[0]: caption}, "label": label}
+
+    def shard_counts(self) -> list[int]:
+        """Samples per shard: adopted from a cache's fingerprint (:meth:`adopt_counts`), else counted from the tar
+        headers (no image read), once."""
+        for i, count in enumerate(self._counts):
+            if count is None:
+                self._counts[i] = len(_index_shard(self.shards[i], i))
+        return self._counts  # type: ignore[return-value]
+
+    def adopt_counts(self, known: Sequence[dict[str, Any]] | None) -> int:
+        """Take the sample counts of the shards that a stored fingerprint (a cache manifest's ``source_shards``)
+        lists with the same name, size and modification time; returns how many were taken."""
+        stored = {(k["name"], k["bytes"], k["mtime_ns"]): k["rows"] for k in known or [] if "rows" in k}
+        taken = 0
+        for i, path in enumerate(self.shards):
+            st = path.stat()
+            rows = stored.get((path.name, st.st_size, st.st_mtime_ns))
+            if rows is not None and self._counts[i] is None:
+                self._counts[i], taken = int(rows), taken + 1
+        return taken
+
+    def __len__(self) -> int:
+        return sum(self.shard_counts())
+
+    def shard_fingerprint(self, known: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """As :meth:`TarPairs.shard_fingerprint` (the same shards give the same fingerprint)."""
+        self.adopt_counts(known)
+        return shard_fingerprint(self.shards, known, self.shard_counts())
+
+    def row_digests(self, fields: Sequence[str], rows: Sequence[int] | None = None) -> np.ndarray:
+        """``[n, 16]`` row digests as :meth:`TarPairs.row_digests`, by one sequential read of every shard (what a
+        cache compares when the shards' fingerprint differs from the one it stores)."""
+        if rows is not None:
+            raise DataError(f"{self.source}: a stream gives the digests of all its rows, not of some")
+        for name in fields:
+            if name != self.languages[0]:
+                raise DataError(f"languages: the tar shards have captions in {self.languages}, not {name!r}")
+        out = []
+        for shard in range(self.n_shards):
+            for sample in self.shard_samples(shard):
+                data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
+                h = hashlib.blake2b(data, digest_size=16)
+                caption = sample["txt"].decode("utf-8").strip()
+                for name in fields:
+                    h.update(b"\0" + name.encode() + b"\0" + caption.encode())
+                out.append(h.digest())
+        return np.frombuffer(b"".join(out), dtype=np.uint8).reshape(len(out), 16).copy()
+
+    def captions(self, languages: Sequence[str], limit: int) -> list[str]:
+        """The first ``limit`` captions in the shards' order (a tokenizer's corpus), read without decoding images."""
+        out: list[str] = []
+        for shard in range(self.n_shards):
+            for sample in self.shard_samples(shard):
+                if len(out) >= limit:
+                    return out
+                if self.languages[0] in languages:
+                    out.append(sample["txt"].decode("utf-8").strip())
+        return out
+
+    def __repr__(self) -> str:
+        return f"TarStream({len(self.shards)} shards, source={self.source!r}, shuffle_buffer={self.shuffle_buffer})"

@@ -212,11 +212,17 @@ def _usage(kind: str) -> list[str]:
     if kind == "crossmodal":
         return [
             "```python",
-            "from transformers import AutoModel, AutoProcessor",
-            "model = AutoModel.from_pretrained('THIS_DIR')  # VQA: a ViltForQuestionAnswering (id2label: answers)",
+            "from transformers import AutoProcessor, ViltForQuestionAnswering",
+            "processor = AutoProcessor.from_pretrained('THIS_DIR')",
+            "model = ViltForQuestionAnswering.from_pretrained('THIS_DIR').eval()",
+            "logits = model(**processor(images=image, text=text, return_tensors='pt')).logits",
             "```",
             "",
-            "Other tasks keep their head in `head.safetensors` (`vldistill.students.load_student('THIS_DIR')`).",
+            "`model.config.id2label` names the outputs: VQA the answers (`text`: the question), entailment "
+            "`entailment`, `neutral`, `contradiction` (`text`: the hypothesis), multiple choice one `score` per "
+            "image and `question + ' ' + candidate` (score each candidate, take the highest; for a rationale, "
+            "`question + ' ' + right answer + ' ' + rationale`). `vldistill.students.load_student('THIS_DIR')` "
+            "loads it as a student.",
         ]
     return [
         "```python",

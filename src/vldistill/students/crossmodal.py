@@ -10,7 +10,12 @@ the pooled [CLS] state answers the task:
   (``Linear(h, 2h) -> LayerNorm -> GELU -> Linear(2h, A)``), so a fine-tuned student exports as one;
 - ``entailment``: the same layout with 3 outputs (entailment, neutral, contradiction);
 - ``multiple_choice``: every (question, candidate) pair encoded on its own, the same layout with 1 output,
-  logits ``[B, C]``.
+  logits ``[B, C]``. One head scores both of VCR's problems: Q->A samples (question, candidate answers) and QA->R
+  samples (question + right answer, candidate rationales), see ``TaskDataset.rationale_samples``.
+
+Every task exports as a ``ViltForQuestionAnswering`` (:meth:`CrossModalStudent.save_pretrained`), whose classifier is
+exactly this head: ``transformers`` alone loads and runs it. ``ViltForImageAndTextRetrieval`` (``rank_output``: one
+``Linear(h, 1)``) and ``ViltForImagesAndTextClassification`` (hidden width ``h``, not ``2h``) do not fit the head.
 
 The ``clip_td`` loss reads ``token_states``, ``cls_attention`` and the token masks to pick the tokens it distils;
 its projection heads live in the loss, not here, so the exported student is clean.
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import (
     AutoConfig,
@@ -46,7 +51,8 @@ from .seq2seq import CONFIG_NAME, read_config, sample_indices, sample_text, to_d
 
 TASKS = ("vqa", "entailment", "multiple_choice")
 ENTAILMENT_LABELS = ("entailment", "neutral", "contradiction")
-HEAD_NAME = "head.safetensors"
+HEAD_NAME = "head.safetensors"  # where exports before ViltForQuestionAnswering-for-every-task kept the head
+MC_LABEL = "score"  # the one output of an exported multiple-choice head
 
 
 def task_head(hidden: int, outputs: int, init_std: float = 0.02) -> nn.Sequential:
@@ -261,30 +267,28 @@ class CrossModalStudent(StudentKind):
 
     # --------------------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """VQA: a ``ViltForQuestionAnswering`` directory (``id2label`` = the answer vocabulary). Other tasks: the
-        ``ViltModel`` and the head as ``head.safetensors``. Both with tokenizer, image processor and
-        ``vldistill.json``; ``transformers`` alone loads the model."""
+        """A ``ViltForQuestionAnswering`` directory (see :meth:`to_question_answering`) with the tokenizer, the image
+        processor and ``vldistill.json``: ``transformers`` alone loads the model and answers through its head."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if self.task == "vqa":
-            self.to_question_answering().save_pretrained(directory, safe_serialization=True)
-        else:
-            self.vilt.save_pretrained(directory, safe_serialization=True)
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, directory / HEAD_NAME
-            )
+        (directory / HEAD_NAME).unlink(missing_ok=True)  # an older export's separate head would shadow this one
+        self.to_question_answering().save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
         config = {"kind": self.kind, "task": self.task, "labels": list(self.labels)}
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     def to_question_answering(self) -> ViltForQuestionAnswering:
-        """The VQA student as a ``ViltForQuestionAnswering`` (same weights, ``id2label`` from the vocabulary)."""
-        if self.task != "vqa":
-            raise ValueError(f"only a vqa student exports as ViltForQuestionAnswering; this one is {self.task!r}")
+        """The student as a ``ViltForQuestionAnswering`` with the same weights: its ``classifier`` is this head.
+
+        ``id2label``: VQA the answer vocabulary; entailment ``entailment``, ``neutral``, ``contradiction``; multiple
+        choice one output, ``score`` (the score of one image and ``question + " " + candidate``: encode each
+        candidate and take the arg-max, as :meth:`forward` does).
+        """
+        labels = self.labels if self.labels else [MC_LABEL]
         config = copy.deepcopy(self.vilt.config)
-        config.id2label = dict(enumerate(self.labels))
-        config.label2id = {label: i for i, label in enumerate(self.labels)}
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
         config.architectures = ["ViltForQuestionAnswering"]
         model = ViltForQuestionAnswering(config).to(self.device)
         model.vilt.load_state_dict(self.vilt.state_dict())
@@ -293,18 +297,20 @@ class CrossModalStudent(StudentKind):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> CrossModalStudent:
-        """Load what :meth:`save_pretrained` wrote."""
+        """Load what :meth:`save_pretrained` wrote (or an earlier export: a ``ViltModel`` and ``head.safetensors``)."""
         directory = Path(directory)
         config = read_config(directory, cls.kind)
         task, labels = config["task"], config["labels"]
         tokenizer, image_processor = AutoTokenizer.from_pretrained(directory), _image_processor(directory)
-        if task == "vqa":
-            qa = ViltForQuestionAnswering.from_pretrained(directory)
-            student = cls(qa.vilt, tokenizer, image_processor, task, answers=labels)
-            student.head.load_state_dict(qa.classifier.state_dict())
+        answers = labels if task == "vqa" else None
+        if (directory / HEAD_NAME).is_file():  # exported before every task saved as ViltForQuestionAnswering
+            vilt = ViltModel.from_pretrained(directory)
+            student = cls(vilt, tokenizer, image_processor, task, answers=answers, num_labels=len(labels))
+            student.head.load_state_dict(load_file(directory / HEAD_NAME))
             return student
-        student = cls(ViltModel.from_pretrained(directory), tokenizer, image_processor, task, num_labels=len(labels))
-        student.head.load_state_dict(load_file(directory / HEAD_NAME))
+        qa = ViltForQuestionAnswering.from_pretrained(directory)
+        student = cls(qa.vilt, tokenizer, image_processor, task, answers=answers, num_labels=len(labels))
+        student.head.load_state_dict(qa.classifier.state_dict())
         return student
 
     @classmethod
@@ -318,19 +324,34 @@ class CrossModalStudent(StudentKind):
     ) -> CrossModalStudent:
         """A student on a ViLT checkpoint (hub id or directory, e.g. ``dandelin/vilt-b32-mlm``) and a new head.
 
-        A ``ViltForQuestionAnswering`` checkpoint given for ``vqa`` without ``answers`` keeps its head and labels.
+        A ``ViltForQuestionAnswering`` checkpoint given without ``answers`` / ``num_labels`` keeps its head when it
+        fits the task: for ``vqa`` any (with its labels), for ``entailment`` one labelled entailment, neutral,
+        contradiction, for ``multiple_choice`` one with the single output ``score`` (what :meth:`save_pretrained`
+        writes, so an export copied without ``vldistill.json`` still loads with its head).
         """
         path = str(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer or path) if not _is_tokenizer(tokenizer) else tokenizer
         image_processor = _image_processor(path)
-        architectures = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
-        if task == "vqa" and answers is None and num_labels is None and "ViltForQuestionAnswering" in architectures:
+        config = AutoConfig.from_pretrained(path)
+        if answers is None and num_labels is None and _head_fits(config, task):
             qa = ViltForQuestionAnswering.from_pretrained(path)
             labels = [qa.config.id2label[i] for i in range(qa.config.num_labels)]
-            student = cls(qa.vilt, tokenizer, image_processor, task, answers=labels)
+            student = cls(qa.vilt, tokenizer, image_processor, task, answers=labels if task == "vqa" else None)
             student.head.load_state_dict(qa.classifier.state_dict())
             return student
         return cls(ViltModel.from_pretrained(path), tokenizer, image_processor, task, answers, num_labels)
+
+
+def _head_fits(config, task: str) -> bool:
+    """Whether a checkpoint's config is a ``ViltForQuestionAnswering`` whose classifier is a head for ``task``."""
+    if "ViltForQuestionAnswering" not in (getattr(config, "architectures", None) or []):
+        return False
+    labels = tuple(config.id2label[i] for i in range(config.num_labels))
+    if task == "entailment":
+        return labels == ENTAILMENT_LABELS
+    if task == "multiple_choice":
+        return labels == (MC_LABEL,)
+    return True
 
 
 def _labels(task: str, answers: Sequence[str] | None, num_labels: int | None) -> list[str]:

@@ -209,23 +209,39 @@ def hypothesis_only_baseline(train: Any, smoothing: float = 1.0) -> Callable[[li
 # ----------------------------------------------------------------------------------------- multiple choice
 @TASKS.register("multiple_choice")
 def multiple_choice() -> Task:
-    """Q->A accuracy, and with rationales QA->R and Q->AR (an item counts only when both are right), as VCR.
+    """VCR's accuracies: Q->A, and for items with rationales QA->R (the rationale chosen given the right answer) and
+    Q->AR (an item counts only when both its answer and its rationale are right).
 
-    The predictor returns, per sample, the chosen candidate index, or a pair ``(answer index, rationale index)``.
+    The predictor returns, per sample, the chosen candidate index, or for an item with rationales a pair ``(answer
+    index, rationale index)`` (the predictors of ``vldistill.tasks.predict`` do). ``evaluate`` returns ``q2a`` (over
+    every item), ``qa2r`` and ``q2ar`` (over the items with rationales that got a pair; ``rationale_count`` says how
+    many when that is not every item) and ``count``.
     """
 
     def run(predict: Predictor, data: Any, batch_size: int = 64) -> dict[str, Any]:
         items = _nonempty(_items(data))
         preds = _predict_batched(predict, items, batch_size)
-        q2a = [p[0] if isinstance(p, (tuple, list)) else p for p in preds]
-        gold_a = [s["answer_index"] for s in items]
-        with_r = all(isinstance(p, (tuple, list)) and len(p) == 2 for p in preds) and all(
-            s.get("rationale_index", -1) >= 0 for s in items
-        )
-        if with_r:
-            result = multiple_choice_accuracy(q2a, gold_a, [p[1] for p in preds], [s["rationale_index"] for s in items])
-        else:
-            result = multiple_choice_accuracy(q2a, gold_a)
+        for i, p in enumerate(preds):
+            if isinstance(p, tuple | list) and len(p) != 2:
+                raise ValueError(f"prediction {i} is {p!r}: expected a candidate index or (answer, rationale) indices")
+        answers = [p[0] if isinstance(p, tuple | list) else p for p in preds]
+        gold = [s["answer_index"] for s in items]
+        result = multiple_choice_accuracy(answers, gold)
+        rated = [
+            i
+            for i, (p, s) in enumerate(zip(preds, items, strict=True))
+            if isinstance(p, tuple | list) and s.get("rationale_index", -1) >= 0
+        ]
+        if rated:
+            both = multiple_choice_accuracy(
+                [answers[i] for i in rated],
+                [gold[i] for i in rated],
+                [preds[i][1] for i in rated],
+                [items[i]["rationale_index"] for i in rated],
+            )
+            result |= {"qa2r": both["qa2r"], "q2ar": both["q2ar"]}
+            if len(rated) < len(items):
+                result["rationale_count"] = len(rated)
         return {**result, "count": len(items)}
 
     return Task("multiple_choice", "multiple_choice", ("candidates", "rationales"), ("answer", "rationale"), run)

@@ -6,6 +6,10 @@
 - A dual encoder answers zero-shot, as CLIP does: VQA by the answer whose ``question + answer`` text is closest to the
   image, multiple choice by the closest ``question + candidate``, entailment not at all (a similarity has no
   "neutral").
+
+Multiple choice with rationales (VCR): both answer ``(answer, rationale)`` per item, the rationale chosen given the
+right answer (QA->R: the item's :func:`~vldistill.data.tasks.rationale_item`, scored as any other candidates; a dual
+encoder scores ``question + right answer + rationale``).
 - A seq2seq student answers VQA and writes captions by generation (VLKD), from its teacher's image outputs
   (:func:`vldistill.tasks.generation.generative_predictor`).
 """
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 from ..batching import teacher_texts
+from ..data.tasks import rationale_item
 
 
 def task_predictor(model: nn.Module, task: str, answers: Sequence[str] = (), teacher=None, generation=None):
@@ -58,7 +63,7 @@ def _head_predictor(model: nn.Module, task: str):
     processor = model.processor()
 
     @torch.no_grad()
-    def predict(samples: list[dict[str, Any]]) -> list[Any]:
+    def best(samples: list[dict[str, Any]]) -> list[int]:
         was = model.training
         model.eval()
         try:
@@ -67,10 +72,27 @@ def _head_predictor(model: nn.Module, task: str):
             logits = model(inputs, frozenset({"task_logits"})).extra["task_logits"]
         finally:
             model.train(was)
-        best = logits.argmax(dim=-1).tolist()
-        return [model.labels[i] for i in best] if task == "vqa" else best
+        return logits.argmax(dim=-1).tolist()
+
+    def predict(samples: list[dict[str, Any]]) -> list[Any]:
+        if task == "vqa":
+            return [model.labels[i] for i in best(samples)]
+        if task == "entailment":
+            return best(samples)
+        return _with_rationales(samples, best(samples), best)
 
     return predict
+
+
+def _with_rationales(samples: list[dict[str, Any]], answers: list[int], choose) -> list[Any]:
+    """Per item its answer, or ``(answer, rationale)`` where it has rationales: ``choose`` scores the QA->R samples
+    (question + right answer, the rationales as candidates) of those items together."""
+    rated = [i for i, s in enumerate(samples) if s.get("rationales")]
+    out: list[Any] = list(answers)
+    if rated:
+        for i, r in zip(rated, choose([rationale_item(samples[i]) for i in rated]), strict=True):
+            out[i] = (answers[i], r)
+    return out
 
 
 def _zeroshot_vqa(model: nn.Module, answers: list[str]):
@@ -88,11 +110,16 @@ def _zeroshot_vqa(model: nn.Module, answers: list[str]):
 
 def _zeroshot_choice(model: nn.Module):
     @torch.no_grad()
-    def predict(samples: list[dict[str, Any]]) -> list[int]:
+    def predict(samples: list[dict[str, Any]]) -> list[Any]:
         images = model.embed_images([s["image"] for s in samples])
-        return [
-            int((model.embed_texts(teacher_texts(s)["candidates"]) @ img).argmax())
-            for s, img in zip(samples, images, strict=True)
-        ]
+        out: list[Any] = []
+        for s, img in zip(samples, images, strict=True):
+            texts = teacher_texts(s)
+            answer = int((model.embed_texts(texts["candidates"]) @ img).argmax())
+            if "rationales" in texts:  # question + right answer + each rationale (QA->R given the right answer)
+                out.append((answer, int((model.embed_texts(texts["rationales"]) @ img).argmax())))
+            else:
+                out.append(answer)
+        return out
 
     return predict

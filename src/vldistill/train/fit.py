@@ -18,7 +18,7 @@ import torch
 
 from ..batching import TeacherSource, teacher_texts
 from ..config import ConfigError, DataConfig, EvalConfig, RecipeConfig, load_recipe, to_dict
-from ..data.sources import LabelledData, load_data, load_task_data
+from ..data.sources import LabelledData, load_data, load_stream, load_task_data, streams
 from ..data.splits import apply_split
 from ..evaluation import agreement, evaluate, mean_cosine
 from ..export.card import write_student_card
@@ -58,12 +58,25 @@ def _load_task_split(cfg: DataConfig, source: str, split: str, limit: int | None
         answers=answers,
         image_root_only=cfg.image_root_only,
     )
-    return LabelledData(dataset)
+    return LabelledData(dataset if cfg.rationales else dataset.without_rationales())
 
 
-def load_train_data(cfg: DataConfig) -> LabelledData:
+def training_samples(dataset: Any) -> Any:
+    """What the trainer (and a teacher cache) reads of the training items: a multiple-choice item with rationales as
+    its Q->A and QA->R samples (``TaskDataset.rationale_samples``), anything else as it is."""
+    expand = getattr(dataset, "rationale_samples", None)
+    return expand() if expand is not None else dataset
+
+
+def load_train_data(cfg: DataConfig, stream: bool = False) -> LabelledData:
     """The training split, in the regime ``data.split`` names (low-shot, domain shift: the held-out items never
-    reach training)."""
+    reach training). With ``stream`` (what training asks for), a source that ``data.streaming`` streams comes as a
+    stream (:func:`~vldistill.data.sources.load_stream`; the trainer refuses the options that select by index)."""
+    if stream and streams(cfg.train, cfg.streaming):
+        if cfg.task != "pairs":
+            raise ConfigError(f"data.streaming: only image-caption pairs stream, not {cfg.task!r} task data")
+        args = (cfg.train, cfg.train_split, cfg.languages, cfg.columns, cfg.shuffle_buffer)
+        return load_stream(*args, image_root=cfg.image_root, image_root_only=cfg.image_root_only)
     if cfg.task != "pairs":
         train = _load_task_split(cfg, cfg.train, cfg.train_split, cfg.limit_train)
     else:
@@ -106,6 +119,8 @@ def _unsplit_train(cfg: DataConfig, train: LabelledData) -> Any:
 def tokenizer_corpus(data: LabelledData, languages: Sequence[str]) -> list[str]:
     """Captions (or, for task data, every text a teacher would embed and the answers), class names and templates:
     the text a trained tokenizer must cover."""
+    if getattr(data.dataset, "streaming", False):  # a stream: its first captions (a bounded corpus), no image read
+        return data.dataset.captions(languages, STREAM_CORPUS)
     if not hasattr(data.dataset, "languages"):  # task data: questions, hypotheses, candidates, answers
         corpus = []
         for i in range(len(data.dataset.samples)):
@@ -116,6 +131,10 @@ def tokenizer_corpus(data: LabelledData, languages: Sequence[str]) -> list[str]:
     for lang in languages:
         corpus += data.classnames.get(lang, []) + [t.replace("{}", "") for t in data.templates.get(lang, [])]
     return corpus
+
+
+STREAM_CORPUS = 100_000
+"""Captions of a streamed training source that a student's own tokenizer is trained on (the first in shard order)."""
 
 
 def fit_recipe(
@@ -170,13 +189,16 @@ def _fit_owned(
         return fit_mad(
             cfg, resume, teachers, student, train_data, eval_data, evaluate_after, teacher_source, baseline=baseline
         )
-    train_data = train_data or load_train_data(cfg.data)
+    train_data = train_data or load_train_data(cfg.data, stream=True)
+    train_set = training_samples(train_data.dataset)  # multiple choice: Q->A and QA->R samples
     cached = any(t.source == "cache" for t in cfg.teachers)
     if cached:
-        from ..cache import open_recipe_cache
+        from ..cache import open_recipe_cache, read_manifest, recipe_cache_dir
         from ..students import takes_teacher
 
-        teacher_source = teacher_source or open_recipe_cache(cfg, train_data.dataset, teachers)
+        if hasattr(train_set, "adopt_counts"):  # a stream finds its cache rows by the shard counts the cache stores
+            train_set.adopt_counts((read_manifest(recipe_cache_dir(cfg)) or {}).get("source_shards"))
+        teacher_source = teacher_source or open_recipe_cache(cfg, train_set, teachers)
         teachers = list(teachers or [])
         if not teachers and student is None and takes_teacher(cfg.student.preset):
             teachers = prepare_teachers(cfg)
@@ -190,7 +212,7 @@ def _fit_owned(
             answers = getattr(train_data.dataset, "answers", None)
             dims = [t.dims for t in teachers] or list(getattr(teacher_source, "dims", ()))
             student = prepare_student(cfg, corpus, teachers=teachers, answers=answers, teacher_dims=dims)
-    trainer = Trainer(cfg, student, train_data.dataset, teachers, teacher_source)
+    trainer = Trainer(cfg, student, train_set, teachers, teacher_source)
     trainer._print(_widths(student, trainer.dims.teachers))
     main = trainer.accelerator.is_main_process  # several processes: only the main one writes and evaluates
     init_dir = Path(cfg.train.output_dir) / "student-init"
@@ -277,7 +299,7 @@ def cache_recipe(
     directory = recipe_cache_dir(cfg, directory)  # before loading anything: fail fast without a directory
     train_data = train_data or load_train_data(cfg.data)
     teachers = prepare_teachers(cfg, teachers)
-    return build_recipe_cache(cfg, teachers, train_data.dataset, directory, rebuild=rebuild)
+    return build_recipe_cache(cfg, teachers, training_samples(train_data.dataset), directory, rebuild=rebuild)
 
 
 EVAL_BATCH_SIZE = EvalConfig().batch_size

@@ -37,7 +37,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, DistributedType
+from accelerate.utils import DataLoaderConfiguration, DistributedType, send_to_device
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -134,6 +134,15 @@ class Trainer:
         self.student = student
         self.data = train_data  # every training sample (stages with ``samples: all``)
         paired = config.data.paired
+        if getattr(train_data, "streaming", False):  # read shard by shard: there is no index to select samples by
+            chosen = {"data.paired": paired, "data.limit_train": config.data.limit_train}
+            chosen["data.split.low_shot"] = config.data.split.low_shot
+            for key, value in chosen.items():
+                if value is not None:
+                    raise ConfigError(
+                        f"{key} = {value!r}: the training data ({train_data.source}) is streamed and has no index to "
+                        "select samples by; set data.streaming: false to read it map-style"
+                    )
         self.paired_data = (
             _Subset(train_data, paired_indices(len(train_data), paired, config.data.split.seed))
             if paired is not None
@@ -303,27 +312,13 @@ class Trainer:
         collate = Collator(self.student, live, cfg.data.languages, [self._teacher_fields(t) for t in live], views)
         ga = cfg.train.grad_accum
         data = self.data if stage.samples == "all" else self.paired_data
-        sampler = StageSampler(
-            len(data),
-            cfg.train.batch_size,
-            cfg.train.seed,
-            index,
-            stage.steps * ga,
-            start_step * ga,
-            views.count if views is not None else 1,
-            epochs=hasattr(collate.student, "set_epoch"),  # span corruption by epoch: the sample carries it
-        )
-        # The loader's own generator: starting an iterator would otherwise draw from the global RNG, so a resumed run
-        # (which restores the RNG before that draw) would see different dropout than an uninterrupted one.
-        loader = torch.utils.data.DataLoader(
-            _WithViews(data) if views is not None or sampler.epochs else data,
-            batch_sampler=sampler,
-            collate_fn=collate,
-            num_workers=_workers(),
-            persistent_workers=False,
-            generator=torch.Generator().manual_seed(cfg.train.seed),
-        )
-        module, optimizer, loader = acc.prepare(module, optimizer, loader)
+        if getattr(data, "streaming", False):
+            batches = self._stream_batches(data, index, start_step * ga, collate, views)
+            module, optimizer = acc.prepare(module, optimizer)
+        else:
+            module, optimizer, batches = self._map_batches(
+                module, optimizer, data, index, stage.steps * ga, start_step * ga, collate, views
+            )
         module.train()
         bar = tqdm(
             total=stage.steps,
@@ -332,7 +327,6 @@ class Trainer:
             disable=not (cfg.train.progress and acc.is_main_process),
             dynamic_ncols=True,
         )
-        batches = iter(loader)
         t0, seen = time.perf_counter(), 0
         for step in range(start_step, stage.steps):
             parts_sum: dict[str, float] = {}
@@ -388,6 +382,58 @@ class Trainer:
                 acc.wait_for_everyone()
         bar.close()
 
+    def _map_batches(self, module, optimizer, data, stage: int, total: int, start: int, collate, views):
+        """A map-style dataset's micro-batches (:class:`StageSampler`), prepared by Accelerate with the module and
+        optimiser (each process gets its part of every global batch)."""
+        cfg = self.cfg
+        sampler = StageSampler(
+            len(data),
+            cfg.train.batch_size,
+            cfg.train.seed,
+            stage,
+            total,
+            start,
+            views.count if views is not None else 1,
+            epochs=hasattr(collate.student, "set_epoch"),  # span corruption by epoch: the sample carries it
+        )
+        # The loader's own generator: starting an iterator would otherwise draw from the global RNG, so a resumed run
+        # (which restores the RNG before that draw) would see different dropout than an uninterrupted one.
+        loader = torch.utils.data.DataLoader(
+            _WithViews(data) if views is not None or sampler.epochs else data,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=_workers(),
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+        )
+        module, optimizer, loader = self.accelerator.prepare(module, optimizer, loader)
+        return module, optimizer, iter(loader)
+
+    def _stream_batches(self, data, stage: int, start: int, collate, views) -> Iterator[dict[str, Any]]:
+        """A streamed source's micro-batches (:meth:`~vldistill.data.streaming.ShardStream.batches`): this process
+        reads only its own shards and forms its own part of every global batch, so the loader is not given to
+        Accelerate (which would read every sample on every process, or on the main one, and split the batches); the
+        batches are moved to this process's device here. A resumed run replays the stream deterministically."""
+        cfg, acc = self.cfg, self.accelerator
+        stream = data.batches(
+            cfg.train.batch_size // acc.num_processes,
+            cfg.train.seed,
+            stage,
+            start,
+            acc.process_index,
+            acc.num_processes,
+            views.count if views is not None else 1,
+        )
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,  # the stream yields lists of samples: one micro-batch each
+            collate_fn=collate,
+            num_workers=_workers(),
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+        )
+        return (send_to_device(batch, acc.device) for batch in loader)
+
     def _teacher_names(self) -> list[str]:
         """How errors name each teacher: its hub id or directory (and the cache it is read from)."""
         names = []
@@ -400,6 +446,8 @@ class Trainer:
     def _teacher_fields(self, teacher: Teacher) -> list[str]:
         """The text fields a live teacher embeds: its caption languages for image-text pairs; for task samples
         (VQA, entailment, multiple choice) every field of ``teacher_texts`` (question, qa, hypothesis, candidates)."""
+        if getattr(self.data, "streaming", False):  # streams hold image-caption pairs
+            return _teacher_langs(teacher, self.cfg)
         first = self.data[0]
         if "captions" in first:
             return _teacher_langs(teacher, self.cfg)
