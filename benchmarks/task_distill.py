@@ -12,9 +12,10 @@ texts, and the same initial weights per seed) for the same steps at the same bat
 
 The seed sets the student's initialisation, the data order and the low-shot draw (``data.split.seed``), the same for
 the three methods, so ``gain`` (metric minus the same seed's ``no_kd``) is paired. Metrics on the bundled test split
-(under a domain shift, its held-out items only): VQA accuracy, entailment accuracy, multiple choice Q->A accuracy (the
-cross-modal student has one head that scores candidate answers; the bundled items' rationales (QA->R, and so Q->AR)
-would need a second model and are not measured). For MAD the teacher's zero-shot accuracy before and after
+(under a domain shift, its held-out items only): VQA accuracy, entailment accuracy, multiple choice Q->AR accuracy
+(VCR's protocol: an item counts when the student picks the right answer (Q->A) and, given it, the right rationale
+(QA->R); one student trains on both kinds of sample, ``data.rationales``; Q->A and QA->R are in the JSON too).
+For MAD the teacher's zero-shot accuracy before and after
 adaptation is reported too (VQA and multiple choice; a similarity cannot answer entailment's "neutral").
 
 The teacher is the quickstart's reference teacher (trained once and cached in ``runs/teachers/``, shared with
@@ -57,7 +58,7 @@ from typing import Any
 import torch
 
 from vldistill import __version__
-from vldistill.config import RecipeConfig, SplitConfig, load_recipe
+from vldistill.config import RecipeConfig, SplitConfig, load_recipe, to_dict
 from vldistill.data.sources import LabelledData, load_data, load_task_data
 from vldistill.data.splits import apply_split
 from vldistill.models import DualEncoder, as_teacher, load_teacher
@@ -81,10 +82,12 @@ REGIMES = {
     "full": SplitConfig(),
 }
 METHODS = ("no_kd", "clip_td", "mad")
-HEADLINE = {"vqa": "accuracy", "entailment": "accuracy", "multiple_choice": "q2a"}
+HEADLINE = {"vqa": "accuracy", "entailment": "accuracy", "multiple_choice": "q2ar"}
+#: Reported beside the headline.
+OTHER = {"multiple_choice": ("q2a", "qa2r")}
 
 DEFAULTS = {
-    "steps": 50,
+    "steps": 200,
     "batch_size": {"vqa": 16, "entailment": 16, "multiple_choice": 8},
     "adapt_steps": 20,
     "adapt_batch_size": 32,
@@ -164,6 +167,13 @@ def run_config(
         overrides["stages.0.losses"] = [{"name": "task"}]
     else:
         overrides["teacher.name_or_path"] = teacher
+        if args.clip_td:
+            losses = [dict(x) for x in to_dict(base)["stages"][0]["losses"]]
+            for loss in losses:
+                if loss["name"] == "clip_td":
+                    for key, value in args.clip_td.items():
+                        (loss if key in ("weight", "label") else loss["options"])[key] = value
+            overrides["stages.0.losses"] = losses
     if method == "mad":
         overrides["adapt"] = {
             "steps": args.adapt_steps,
@@ -204,6 +214,7 @@ def run_one(
     predict = task_predictor(student, task)
     metrics = get_task(task).evaluate(predict, test.dataset, batch_size=cfg.eval.batch_size)
     out: dict[str, Any] = {"metric": metrics[HEADLINE[task]], "wall_seconds": time.perf_counter() - start}
+    out["other"] = {name: metrics[name] for name in OTHER.get(task, ()) if name in metrics}
     if method == "mad" and task != "entailment":
         adapted = as_teacher(DualEncoder.from_pretrained(summary["adapt"]["adapted_teacher"]))
         after = zero_shot(adapted, cfg, test, data.train.answers)
@@ -231,6 +242,8 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], before: float | None, 
                 e["gain"] = stats(paired)
         e["wall_seconds"] = statistics.fmean(per_seed[s]["wall_seconds"] for s in seeds)
         e["per_seed"] = {str(s): per_seed[s]["metric"] for s in seeds}
+        for name in per_seed[seeds[0]].get("other", {}):
+            e[name] = stats([per_seed[s]["other"][name] for s in seeds])
         if method == "mad":
             after = [per_seed[s]["teacher_zero_shot_after"] for s in seeds if "teacher_zero_shot_after" in per_seed[s]]
             e["teacher_zero_shot"] = (
@@ -284,6 +297,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-cache", default=None, help="reference teacher cache (runs/teachers; --smoke: OUTPUT)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: see the docstring)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 seed, 2 tasks: under a minute")
+    p.add_argument(
+        "--merge", nargs="+", default=None, metavar="DIR",
+        help="combine the task_distill.json of runs made in parts (e.g. one process per task) into OUTPUT",
+    )  # fmt: skip
+    p.add_argument(
+        "--clip-td", type=json.loads, default={}, metavar="JSON",
+        help='options of the clip_td loss over the recipes\' (e.g. \'{"weight": 0.5, "norm": "l2"}\')',
+    )  # fmt: skip
     args = p.parse_args(argv)
     sizes = {**DEFAULTS, **(SMOKE if args.smoke else {})}
     for key in ("seeds", "steps", "adapt_steps", "train_limit", "eval_limit", "tasks"):
@@ -306,8 +327,36 @@ def get_teacher(args: argparse.Namespace) -> tuple[str, Any, str]:
     return str(path), load_teacher(path), f"reference teacher (recipes/reference-teacher.yaml): {path}"
 
 
+def merge(parts: Sequence[str], output: str) -> dict[str, Any]:
+    """One result from runs made in parts (``--tasks`` split over processes, each with its own ``--output``): the
+    tasks of every part, and a setup that keeps each part's command and wall seconds."""
+    result: dict[str, Any] = {}
+    setups = []
+    for part in parts:
+        data = json.loads((Path(part) / "task_distill.json").read_text())
+        setups.append(data.pop("setup"))
+        for task, regimes in data.items():
+            if task in result:
+                raise SystemExit(f"--merge: task {task!r} is in more than one part ({part})")
+            result[task] = regimes
+    setup = dict(setups[0])
+    for key in ("batch_size", "metric", "train_items", "eval_items"):
+        setup[key] = {k: v for s in setups for k, v in s.get(key, {}).items()}
+    setup["parts"] = [{"command": s["command"], "total_wall_seconds": s.get("total_wall_seconds")} for s in setups]
+    setup["command"] = " && ".join(s["command"] for s in setups) + " (run at the same time), then --merge"
+    setup["total_wall_seconds"] = max(s.get("total_wall_seconds") or 0 for s in setups)
+    final = {task: result[task] for task in TASKS if task in result}
+    final["setup"] = setup
+    write(Path(output), final)
+    print("\n" + format_table(final) + "\n", flush=True)
+    print(f"[task_distill] merged {len(parts)} parts into {Path(output) / 'task_distill.json'}", flush=True)
+    return final
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.output)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -328,6 +377,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
         "steps": args.steps,
         "batch_size": {t: args.batch_size[t] for t in args.tasks},
         "adapt": {"steps": args.adapt_steps, "batch_size": args.adapt_batch_size, "lr": 1e-4},
+        "clip_td_options": args.clip_td,
         "regimes": {r: _split_dict(REGIMES[r]) for r in args.regimes},
         "metric": {t: HEADLINE[t] for t in args.tasks},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads ({args.threads} used), torch "

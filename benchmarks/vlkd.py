@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from vldistill import __version__
 from vldistill.cache import build_recipe_cache
@@ -93,6 +94,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-cache", default="runs/teachers", help="reference teachers (shared with quickstart)")
     p.add_argument("--lm-cache", default="runs/lms", help="reference LMs")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a recipe override for the trained rows, VALUE in YAML (e.g. --set 'stages.0.trainable=[prefix]')",
+    )  # fmt: skip
     args = p.parse_args(argv)
     full = {"seeds": 3, "steps": 300, "batch_size": 64, "vqa": 600, "captions": 300, "texts": 400}
     smoke = {"seeds": 1, "steps": 2, "batch_size": 8, "vqa": 16, "captions": 8, "texts": 16}
@@ -129,6 +134,9 @@ def recipe_for(row: str, seed: int, args, teacher: str, lm: str, cache: Path, ou
         "train.warmup_steps": min(30, max(0, args.steps // 10)),
         "cache.workers": 0,
     }
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
     cfg = load_recipe("vlkd", overrides)
     keep = TRAINED.get(row)
     if keep is not None:
@@ -269,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "lm": str(lm_dir),
         "lm_saw": str(Path(lm_dir).parent / "saw.json"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
+        "overrides": list(args.set),
         "threads": torch.get_num_threads(),
         "smoke": args.smoke,
         "steps": args.steps,

@@ -46,7 +46,8 @@ def step(states=STATES, text_mask=TEXT_MASK, image_mask=IMAGE_MASK, attention=AT
 
 
 def clip_td(**options):
-    loss = build_loss("clip_td", dims((2, 2, 2), (2, 2, 2)), normalize=False, **options)
+    """The hand values below sum ``D`` over the 2 dimensions (``reduction: sum``) unless a case says otherwise."""
+    loss = build_loss("clip_td", dims((2, 2, 2), (2, 2, 2)), normalize=False, **{"reduction": "sum", **options})
     identity(loss)
     return loss
 
@@ -69,12 +70,22 @@ def clip_td(**options):
         ({"scorer": "all", "norm": "l2"}, 2.75),
         # l2, attention k=1: text token 2: 1, patch 4: 1 -> 0.5 * 2
         ({"k": 1, "norm": "l2"}, 1.0),
+        # the default reduction: each distance averaged over the d = 2 dimensions, half the summed 1.75 and 2.75
+        ({"scorer": "all", "reduction": "mean"}, 0.875),
+        ({"scorer": "all", "norm": "l2", "reduction": "mean"}, 1.375),
     ],
 )
 def test_golden_values_one_instance_without_candidates(options, expected):
     value, parts = clip_td(**options)(step())
     assert value.item() == pytest.approx(expected)
     assert parts["w"].item() == pytest.approx(1.0 if options.get("confidence") is False else 0.5)
+
+
+def test_the_distance_is_averaged_over_the_dimensions_by_default():
+    loss = build_loss("clip_td", dims((2, 2, 2), (2, 2, 2)))
+    assert loss.reduction == "mean"
+    with pytest.raises(ValueError, match="reduction='max' is not allowed; choose one of: 'mean', 'sum'"):
+        build_loss("clip_td", dims((2, 2, 2), (2, 2, 2)), reduction="max")
 
 
 def test_the_parts_are_the_unweighted_visual_and_text_means():
@@ -162,8 +173,9 @@ def test_projection_heads_and_normalisation_match_a_numpy_reference():
 
     states = np.asarray(STATES[0])
     w = (0 + 1) / 2  # cos(v, qa) = 0
-    text = np.abs(unit(n_linear(states[2], wt, bt)) - unit(QA[0])).sum()  # attention picks text token 2
-    visual = np.abs(unit(n_linear(states[4], wv, bv)) - unit(V[0])).sum()  # and patch 4
+    # attention picks text token 2 and patch 4; the default reduction averages over the d = 2 dimensions
+    text = np.abs(unit(n_linear(states[2], wt, bt)) - unit(QA[0])).mean()
+    visual = np.abs(unit(n_linear(states[4], wv, bv)) - unit(V[0])).mean()
     assert value.item() == pytest.approx(w * (text + visual), rel=1e-6)
     value.backward()
     assert loss.proj_v.weight.grad.abs().sum() > 0 and loss.proj_t.weight.grad.abs().sum() > 0

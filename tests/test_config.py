@@ -370,3 +370,13 @@ def test_cli_fit_reports_unknown_key_cleanly(capsys: pytest.CaptureFixture[str])
 def test_cli_fit_reports_bad_override_value(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["fit", "dcclip", "--train.mixed_precision", "fp8"]) == 2
     assert "train.mixed_precision = 'fp8'" in capsys.readouterr().err
+
+
+def test_non_default_keeps_the_changed_settings_only_so_new_fields_leave_artefact_keys_alone():
+    from vldistill.config import non_default
+
+    changed = non_default(load_recipe("reference-teacher", {"train.seed": 3}))
+    assert changed["train"]["seed"] == 3
+    # fields at their defaults (e.g. ones added to vldistill after a teacher was cached) are not part of it
+    assert "compile" not in changed["train"] and "streaming" not in changed.get("data", {})
+    assert non_default(load_recipe("reference-teacher"))["train"].get("seed") is None

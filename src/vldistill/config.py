@@ -255,7 +255,19 @@ class TrainConfig:
     grad_accum: int = 1
     """Gradient accumulation: micro-batches per optimiser step."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Mixed precision through Accelerate."""
+    """Mixed precision through Accelerate (autocast; the weights and the optimiser stay float32). On a GPU with
+    bfloat16 (A100, H100, L4 and later) use ``bf16``: matrix products run at the tensor cores' bf16 rate, with no loss
+    scaling; ``fp16`` (older GPUs) scales the loss and skips steps whose gradients overflow. ``no`` on a CPU."""
+    tf32: bool = True
+    """On CUDA, let float32 matrix products and convolutions use TF32 tensor cores (``torch.backends.cuda.matmul
+    .allow_tf32`` and ``torch.backends.cudnn.allow_tf32``, set for the process when training starts): what autocast
+    leaves in float32 (the losses, ``mixed_precision: no``) runs several times faster, with a 10-bit mantissa in the
+    products. ``false`` keeps full float32 products. Ignored on a CPU, whose results it never changes."""
+    compile: bool = False
+    """Compile the towers of the student and of the live teachers with ``torch.compile`` (in place: parameter
+    names, checkpoints and the exported student are unchanged; they are given back uncompiled when ``fit`` ends).
+    The first steps are slower while it compiles, and again when a batch's text length or a stage's trainable towers
+    change; off by default. ``benchmarks/gpu_speed.py --variants`` measures what it gives on a GPU."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping norm; ``null`` disables clipping."""
     seed: int = 0
@@ -549,6 +561,34 @@ def from_dict(cls: type, data: Any, key: str = "") -> Any:
 def to_dict(obj: Any) -> Any:
     """Dataclass -> plain dict (for saving the resolved config next to a run)."""
     return dataclasses.asdict(obj)
+
+
+def non_default(obj: Any) -> Any:
+    """The fields of a dataclass (recursively, lists too) whose values differ from their defaults, as a plain dict.
+
+    What a key of a trained artefact (the reference teacher, the reference LM) hashes: a field added to vldistill
+    later, with a default that keeps the old behaviour, then leaves the key, and so the cached artefact, unchanged;
+    :func:`to_dict` of the whole config would change with every new field and retrain for nothing."""
+    if isinstance(obj, list | tuple):
+        return [non_default(x) for x in obj]
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return obj
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            nested = non_default(value)
+            if nested or default is dataclasses.MISSING or type(value) is not type(default):
+                out[f.name] = nested
+        elif value != default:
+            out[f.name] = non_default(value)
+    return out
 
 
 def _field_names(cls: type) -> list[str]:

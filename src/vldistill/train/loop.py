@@ -13,6 +13,13 @@ then renamed) every ``train.checkpoint_every`` steps and at the end of every sta
 from the last one and reaches the same weights as an uninterrupted run (data order is a pure function of the
 seed, stage and step; the RNG state travels in the checkpoint).
 
+On a GPU (CUDA) the loop also uses what makes a step faster there, and none of it on a CPU, whose results stay
+exactly those of the plain loop: the fused AdamW kernel (one launch for every parameter), TF32 for the float32
+matrix products that autocast leaves (``train.tf32``, on by default), pinned host memory for the loaded batches and
+non-blocking copies to the device. ``train.mixed_precision: bf16`` (autocast through Accelerate) is the setting to
+use on a bf16 GPU; ``train.compile: true`` compiles the towers of the student and of the live teachers with
+``torch.compile``. ``benchmarks/gpu_speed.py`` measures what each of these gives.
+
 Nothing lost, nothing mixed (:class:`RunDirectory`): a run owns its output directory. A new run refuses a directory
 that holds another run's files unless told to replace them (``overwrite``); ``resume`` checks that the directory's
 ``config.json`` is the run's own resolved config and names the keys that differ; a lock keeps a second process out
@@ -73,6 +80,7 @@ __all__ = [
     "RunError",
     "StageSampler",
     "Trainer",
+    "compile_towers",
     "gather_outputs",
     "make_optimizer",
     "open_run",
@@ -89,12 +97,20 @@ class FitResult:
 
 
 def make_optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases, norms and logit scales.
+
+    When every trainable parameter is on a CUDA device (place the module first), the fused kernel updates them all
+    in one launch; elsewhere (a CPU) torch's default implementation, so CPU results do not change.
+    """
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "logit_scale" in name or "log_s" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = decay + no_decay
+    if params and all(p.device.type == "cuda" for p in params):
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=True)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
@@ -155,6 +171,7 @@ class Trainer:
         if config.train.threads is not None:
             torch.set_num_threads(config.train.threads)
         self.accelerator = _accelerator(config.train.mixed_precision)
+        self._cuda = self.accelerator.device.type == "cuda"  # pinned batches, non-blocking copies, fused AdamW, TF32
         kind = self.accelerator.distributed_type
         if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
             raise ConfigError(
@@ -246,7 +263,17 @@ class Trainer:
         while it trains (:class:`RunDirectory`): a directory holding another run's files is refused unless
         ``overwrite`` (which deletes them), and ``resume`` refuses a run started with another config."""
         with open_run(self.cfg, resume, overwrite):
-            return self._fit(resume)
+            if self._cuda:  # process-wide switches, set for every run (a previous run may have set them otherwise)
+                torch.backends.cuda.matmul.allow_tf32 = self.cfg.train.tf32
+                torch.backends.cudnn.allow_tf32 = self.cfg.train.tf32
+            compiled = (
+                [t for m in (self.student, *self.teachers) for t in compile_towers(m)] if self.cfg.train.compile else []
+            )
+            try:
+                return self._fit(resume)
+            finally:
+                for tower in compiled:  # the caller gets its student and teachers back as it gave them
+                    tower._compiled_call_impl = None
 
     def _fit(self, resume: bool) -> FitResult:
         start_time = time.perf_counter()
@@ -296,6 +323,7 @@ class Trainer:
         loss = build_stage_loss(stage, self.dims, index)
         set_trainable(self.student, stage.trainable, f"stages.{index}.trainable")  # checked in __init__
         module = DistillModule(self.student, loss, self.teacher_source, self._teacher_names())
+        module.to(acc.device)  # where Accelerate would put it: the optimiser is built on the device (fused on CUDA)
         optimizer = make_optimizer(module, stage.lr or cfg.train.lr, cfg.train.weight_decay)
         scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, stage.steps)
         if ckpt is not None:
@@ -404,6 +432,7 @@ class Trainer:
             collate_fn=collate,
             num_workers=_workers(),
             persistent_workers=False,
+            pin_memory=self._cuda,
             generator=torch.Generator().manual_seed(cfg.train.seed),
         )
         module, optimizer, loader = self.accelerator.prepare(module, optimizer, loader)
@@ -430,9 +459,10 @@ class Trainer:
             collate_fn=collate,
             num_workers=_workers(),
             persistent_workers=False,
+            pin_memory=self._cuda,
             generator=torch.Generator().manual_seed(cfg.train.seed),
         )
-        return (send_to_device(batch, acc.device) for batch in loader)
+        return (send_to_device(batch, acc.device, non_blocking=self._cuda) for batch in loader)
 
     def _teacher_names(self) -> list[str]:
         """How errors name each teacher: its hub id or directory (and the cache it is read from)."""
@@ -516,11 +546,27 @@ def _accelerator(mixed_precision: str) -> Accelerator:
     ):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+    cuda = torch.cuda.is_available()
     return Accelerator(
         mixed_precision=mixed_precision,
-        cpu=not torch.cuda.is_available(),
-        dataloader_config=DataLoaderConfiguration(split_batches=True),  # train.batch_size is the global batch
+        cpu=not cuda,
+        # train.batch_size is the global batch; on CUDA the (pinned) batches are copied without waiting
+        dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=cuda),
     )
+
+
+def compile_towers(student: nn.Module) -> list[nn.Module]:
+    """Compile the student's towers in place (``nn.Module.compile``: parameter names, checkpoints and exports are
+    unchanged); return them, so that the caller can give them back uncompiled. A dual encoder's towers are its
+    model's ``vision_model`` and ``text_model`` (every supported family names them so: the pooling and projections
+    around them are small); another student kind's are its direct submodules that hold parameters."""
+    model = getattr(student, "model", None)
+    towers = [getattr(model, name) for name in ("vision_model", "text_model") if hasattr(model, name)]
+    if not towers:
+        towers = [m for m in student.children() if any(True for _ in m.parameters())]
+    for tower in towers:
+        tower.compile()
+    return towers
 
 
 def _teacher_langs(teacher: Teacher, cfg: RecipeConfig) -> list[str]:

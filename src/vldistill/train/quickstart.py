@@ -27,7 +27,7 @@ import torch
 
 from .. import __version__
 from ..cache import build_recipe_cache
-from ..config import load_recipe, to_dict
+from ..config import load_recipe, non_default, to_dict
 from ..data.sources import LabelledData, load_data
 from ..data.splits import paired_indices
 from ..evaluation import agreement, evaluate
@@ -189,8 +189,11 @@ def reference_teacher_dir(
     what ``--teacher`` names it by) and its training history."""
     overrides = {**common, **(FAST_TEACHER if fast else {})}
     cfg = load_recipe("reference-teacher", overrides)
-    key_src = {k: v for k, v in to_dict(cfg).items() if k not in ("tiny", "cache")}
-    key_src["train"] = {k: v for k, v in key_src["train"].items() if k not in ("output_dir", "progress", "tensorboard")}
+    # What the teacher's training depends on: the settings that differ from their defaults (a field added to
+    # vldistill later leaves the key alone), less those that only show or place the run.
+    key_src = {k: v for k, v in non_default(cfg).items() if k not in ("tiny", "cache")}
+    shown = ("output_dir", "progress", "tensorboard", "threads")
+    key_src["train"] = {k: v for k, v in key_src.get("train", {}).items() if k not in shown}
     key = hashlib.sha256(json.dumps([key_src, __version__], sort_keys=True).encode()).hexdigest()[:12]
     final = Path(cache_root) / f"reference-{key}"
     if (final / "model" / "config.json").is_file():

@@ -47,6 +47,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, BartConfig, BartForConditionalGeneration
 
 from .. import __version__
+from ..config import non_default
 from ..data.easyvqa import COLORS, SHAPES
 from ..students.seq2seq_inputs import apply_spans, corruption_generator, corruption_spans
 from ..tokenization import train_wordpiece
@@ -268,9 +269,10 @@ def pretrain(
 
 # ---------------------------------------------------------------------------------------------------- cache
 def reference_lm_key(cfg: ReferenceLMConfig, captions: Sequence[str]) -> str:
-    """The cache key: settings, the training captions and the vldistill version."""
+    """The cache key: the settings that differ from their defaults (a setting added later keeps the key), the
+    training captions and the vldistill version."""
     digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()
-    return hashlib.sha256(json.dumps([asdict(cfg), digest, __version__], sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps([non_default(cfg), digest, __version__], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def bundled_captions(cfg: ReferenceLMConfig) -> list[str]:

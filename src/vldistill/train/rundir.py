@@ -40,6 +40,7 @@ RESUME_FREE = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.threads",
+    "train.compile",
     "eval",
     "data.eval",
     "data.eval_split",
