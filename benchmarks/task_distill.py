@@ -87,8 +87,8 @@ HEADLINE = {"vqa": "accuracy", "entailment": "accuracy", "multiple_choice": "q2a
 OTHER = {"multiple_choice": ("q2a", "qa2r")}
 
 DEFAULTS = {
-    "steps": 200,
-    "batch_size": {"vqa": 16, "entailment": 16, "multiple_choice": 8},
+    "steps": 150,
+    "batch_size": {"vqa": 16, "entailment": 16, "multiple_choice": 4},
     "adapt_steps": 20,
     "adapt_batch_size": 32,
     "train_limit": None,
