@@ -80,6 +80,11 @@ class Seq2SeqOptions:
         seed: seeds the span corruption (with the sample index and the epoch).
         max_length: truncation length of every tokenised text; default ``min(tokenizer.model_max_length, 128)``.
         mask_token: the mask token; default the tokenizer's ``mask_token`` (``<extra_id_0>`` for T5 tokenizers).
+        lang_code: the language code of a multilingual tokenizer with ``src_lang`` / ``tgt_lang`` (mBART,
+            mBART-50: ``zh_CN``, ``en_XX``): every text is tagged with it (its ``src_lang`` and ``tgt_lang``), and
+            generation starts the decoder in it (mBART-50, whose tokenizer puts the code first:
+            ``forced_bos_token_id``; mBART, which puts it last: ``decoder_start_token_id``). ``None``: the
+            tokenizer's own setting (``en_XX`` for mBART-50), which mistags text in another language.
     """
 
     pool: str = "eos"
@@ -92,6 +97,7 @@ class Seq2SeqOptions:
     seed: int = 0
     max_length: int | None = None
     mask_token: str | None = None
+    lang_code: str | None = None
 
     def __post_init__(self) -> None:
         _choice("pool", self.pool, POOLS)
@@ -154,6 +160,8 @@ class Seq2SeqStudent(StudentKind):
         self.model = model
         self.tokenizer = tokenizer
         self.options = options if isinstance(options, Seq2SeqOptions) else Seq2SeqOptions.parse(options or {})
+        if self.options.lang_code is not None:
+            set_lang_code(tokenizer, self.options.lang_code)
         self.teacher_width = int(teacher_width)
         self.teacher_image_width = int(teacher_image_width)
         hidden = self.hidden_size
@@ -297,6 +305,8 @@ class Seq2SeqStudent(StudentKind):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompt {i} is empty or not a string: {prompt!r}")
         enc = to_device(self.processor().encode(list(prompts)), self.device)
+        if self.options.lang_code is not None:
+            settings = {**lang_code_start(self.tokenizer, self.options.lang_code), **settings}
         was_training = self.training
         self.eval()
         try:
@@ -380,6 +390,38 @@ class Seq2SeqStudent(StudentKind):
         if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or name_or_path_or_model))
         return cls(model, tokenizer, teacher_width, teacher_image_width, Seq2SeqOptions.parse(options))
+
+
+def set_lang_code(tokenizer, code: str) -> None:
+    """Tag every text the tokenizer encodes with language ``code`` (an mBART-style tokenizer's ``src_lang`` and
+    ``tgt_lang``).
+
+    Raises:
+        ValueError: a tokenizer without language codes, or a code that is not one of its tokens.
+    """
+    if not hasattr(tokenizer, "src_lang"):
+        raise ValueError(
+            f"lang_code={code!r}: the tokenizer ({type(tokenizer).__name__}) has no language codes (src_lang); "
+            "lang_code is for multilingual tokenizers such as mBART's; leave it unset"
+        )
+    known = getattr(tokenizer, "lang_code_to_id", None) or {}
+    if (known and code not in known) or tokenizer.convert_tokens_to_ids(code) == tokenizer.unk_token_id:
+        near = sorted(c for c in known if c.split("_")[0] == code.split("_")[0])  # zh_XX: zh_CN
+        sample = ", ".join(near or sorted(known)[:8]) + (", ..." if len(known) > len(near or sorted(known)[:8]) else "")
+        raise ValueError(
+            f"lang_code={code!r} is not a language code of the tokenizer ({len(known)} codes: {sample or 'none'})"
+        )
+    tokenizer.src_lang = code
+    tokenizer.tgt_lang = code
+
+
+def lang_code_start(tokenizer, code: str) -> dict[str, int]:
+    """The ``generate`` setting that starts the decoder in language ``code``: ``forced_bos_token_id`` when the
+    tokenizer puts the code before the text (mBART-50: the decoder starts from EOS, then the code), else
+    ``decoder_start_token_id`` (mBART: ``text EOS code``, and the decoder starts from the code)."""
+    code_id = tokenizer.convert_tokens_to_ids(code)
+    ids = tokenizer("x")["input_ids"]
+    return {"forced_bos_token_id": code_id} if ids and ids[0] == code_id else {"decoder_start_token_id": code_id}
 
 
 def read_config(directory: Path, kind: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ All functions are pure: they take predictions and references as plain Python val
   (GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, last revision "Fixed processing answers bug";
   the same code is ``open_flamingo/eval/vqa_metric.py``), reimplemented quirks included.
 - Captioning: the reference scorers of the COCO caption evaluation (``pycocoevalcap``, the ``captioning`` extra), fed by
-  a pure-Python stand-in for its Java ``PTBTokenizer`` (:func:`tokenize_caption`).
+  a pure-Python stand-in for its Java ``PTBTokenizer`` (:func:`tokenize_caption`); Chinese is scored per character.
 - Visual entailment (labels 0 entailment, 1 neutral, 2 contradiction): :func:`accuracy`; VCR: Q->A, QA->R and Q->AR
   with :func:`multiple_choice_accuracy`.
 """
@@ -215,6 +215,17 @@ _CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
 _PADDED = re.compile(r"(?<=\w)\.{3,}(?=\w)|-{2,}|[?!]+|[;$%*+=&]|#(?![a-z])|(?<!\d)[,:]|[,:](?!\d)")
 # Tokens never split further: bracket names and clitics that stand alone ("the dog 's").
 _ATOMIC = frozenset({*_BRACKETS.values(), "n't", "'s", "'re", "'ve", "'ll", "'d", "'m"})
+# CJK ideographs (the ranges BERT's tokenizer treats as Chinese characters): each one is a token of its own.
+_CJK = re.compile(
+    "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002b73f"
+    "\U0002b740-\U0002b81f\U0002b820-\U0002ceaf\U0002f800-\U0002fa1f]"
+)
+# Full-width (Chinese) punctuation as its ASCII counterpart, which the PTB rules then drop or keep as for English.
+_FULL_WIDTH = str.maketrans({
+    "\uff0c": ",", "\u3001": ",", "\u3002": ".", "\uff0e": ".", "\uff01": "!", "\uff1f": "?", "\uff1b": ";",
+    "\uff1a": ":", "\uff08": "(", "\uff09": ")", "\u300a": '"', "\u300b": '"', "\u300c": '"', "\u300d": '"',
+    "\u300e": '"', "\u300f": '"',
+})  # fmt: skip
 
 
 def _split_word(token: str) -> list[str]:
@@ -257,6 +268,12 @@ def tokenize_caption(caption: str) -> str:
     lowercasing ("-lrb-", "-rrb-", ...), which the wrapper's upper-case list fails to drop. Hyphenated words, slashes
     and inner periods ("black-and-white", "bag/purse", "3.5") stay whole.
 
+    Chinese (which PTBTokenizer does not segment, and which has no spaces) is scored per character, as Chinese
+    captioning evaluations often do instead of a word segmenter: every CJK ideograph becomes a token of its own
+    (``一个红色的圆形`` -> ``一 个 红 色 的 圆 形``; spaces between characters, as a WordPiece LM writes them, change
+    nothing), and full-width punctuation (，。、！？；：（）《》「」『』) is read as its ASCII counterpart and dropped
+    like it. Text without CJK characters tokenises exactly as before.
+
     It was checked against the Java tokenizer on a set of captions; unusual strings (e.g. "x...y", "y'all") can
     still tokenise differently.
 
@@ -266,7 +283,8 @@ def tokenize_caption(caption: str) -> str:
     Returns:
         The tokens joined by single spaces.
     """
-    text = caption.replace("\n", " ").translate(_QUOTES).lower()
+    text = caption.replace("\n", " ").translate(_QUOTES).translate(_FULL_WIDTH).lower()
+    text = _CJK.sub(lambda m: f" {m.group()} ", text)
     text = text.replace("``", " ").replace("''", " ").replace('"', " ").replace("`", "'")
     for bracket, name in _BRACKETS.items():
         text = text.replace(bracket, f" {name} ")

@@ -53,13 +53,25 @@ def evaluate_generative(
     and per question type) and the text skill of the LM before (``OUTPUT_DIR/student-init``) and after training,
     with the generation settings; printed and returned (and added to the model card of ``export_dir``).
 
+    The captions are generated, scored and denoised in the student's language, ``data.languages[0]``: the caption
+    language ``icti`` trains the LM to write (``zh`` in ``recipes/vlkd-zh.yaml``, whose Chinese captions are scored
+    per character, :func:`~vldistill.tasks.metrics.tokenize_caption`).
+
     Raises:
-        ConfigError: no teacher (the student generates from the teacher's image outputs).
+        ConfigError: no teacher (the student generates from the teacher's image outputs), or evaluation captions
+            without the student's language (``eval.languages`` leaves it out).
     """
     if teacher is None:
         raise ConfigError("teacher: a seq2seq student generates from its teacher's image outputs; the recipe has none")
     gen = cfg.eval.generation
-    lang = cfg.data.languages[0]
+    lang = cfg.data.languages[0]  # the student's caption language: the one icti corrupts and rebuilds
+    loaded = getattr(eval_data.dataset, "languages", None)
+    if loaded is not None and lang not in loaded:
+        raise ConfigError(
+            f"eval.languages = {cfg.eval.languages}: the evaluation captions ({cfg.data.eval}) are loaded in "
+            f"{list(loaded)}, without {lang!r}, the student's caption language (data.languages[0]) that it is scored "
+            f"in; add {lang!r} to eval.languages"
+        )
     out: dict[str, Any] = {"generation": to_dict(gen), "teacher_id": cfg.teachers[0].name_or_path, "language": lang}
     captioning = get_task("captioning")
     predict = task_predictor(student, "captioning", teacher=teacher, generation=gen)
@@ -111,7 +123,9 @@ def format_generative(result: dict[str, Any]) -> str:
         f"{gen['caption_template']!r}"
     ]
     cap = result["captioning"]
-    lines.append(f"captioning ({cap['count']} images): BLEU-4 {cap['bleu4']:.4f}, CIDEr-D {cap['cider']:.4f}")
+    lang = result.get("language", "en")
+    where = f"{cap['count']} images" if lang == "en" else f"{cap['count']} images, {lang} captions"
+    lines.append(f"captioning ({where}): BLEU-4 {cap['bleu4']:.4f}, CIDEr-D {cap['cider']:.4f}")
     if "vqa" in result:
         vqa = result["vqa"]
         types = ", ".join(f"{t} {100 * v:.1f}" for t, v in vqa["by_type"].items())
