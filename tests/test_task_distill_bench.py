@@ -54,7 +54,7 @@ def test_smoke_run_writes_every_task_regime_and_method_in_the_issues_shape(smoke
     setup = result["setup"]
     assert setup["seeds"] == [0] and setup["smoke"] and setup["steps"] == 2
     assert setup["teacher"].startswith("reference teacher") and setup["student"].startswith("vilt-small")
-    assert setup["metric"] == {"vqa": "accuracy", "multiple_choice": "q2a"} and "(1 used)" in setup["machine"]
+    assert setup["metric"] == {"vqa": "accuracy", "multiple_choice": "q2ar"} and "(1 used)" in setup["machine"]
     assert setup["regimes"]["low_shot_1"]["low_shot"] == 0.01 and setup["regimes"]["domain_shift"]["domain_shift"]
 
 
@@ -101,6 +101,28 @@ def test_run_configs_differ_only_in_the_method(bench, tmp_path):
     assert configs["mad"].adapt is not None and configs["mad"].adapt.batch_size == 20  # at most the pairs
     assert configs["clip_td"].adapt is None and configs["clip_td"].teachers[0].name_or_path == "TEACHER"
     for cfg in configs.values():
-        assert cfg.total_steps == 50 and cfg.train.batch_size == 16 and cfg.train.seed == 1
+        assert cfg.total_steps == 150 and cfg.train.batch_size == 16 and cfg.train.seed == 1
         assert cfg.data.split.low_shot == 0.1 and cfg.data.split.seed == 1
-    assert bench.parse_args([]).batch_size["multiple_choice"] == 8
+    assert bench.parse_args([]).batch_size["multiple_choice"] == 4
+
+
+def test_clip_td_options_reach_the_loss_and_parts_merge(bench, tmp_path):
+    args = bench.parse_args(["--output", str(tmp_path), "--clip-td", '{"weight": 0.5, "norm": "l2", "k": 4}'])
+    args.split, args.regime_name = bench.REGIMES["full"], "full"
+    cfg = bench.run_config("vqa", "clip_td", args.split, 0, args, "TEACHER", 20)
+    term = [t for t in cfg.stages[0].losses if t.name == "clip_td"][0]
+    assert term.weight == 0.5 and term.options["norm"] == "l2" and term.options["k"] == 4
+    assert term.options["reduction"] == "mean"  # the recipe's other options are kept
+    # two parts (one task each) merge into one result with both tasks and both commands
+    for name, task, wall in (("a", "vqa", 10.0), ("b", "entailment", 30.0)):
+        setup = {"command": f"part {name}", "total_wall_seconds": wall, "metric": {task: "accuracy"}, "seeds": [0]}
+        bench.write(
+            tmp_path / name,
+            {task: {"full": {"no_kd": {"metric": {"mean": 0.5, "std": 0.0}, "wall_seconds": 1.0}}}, "setup": setup},
+        )
+    merged = bench.merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "m"))
+    assert list(merged) == ["vqa", "entailment", "setup"]
+    assert merged["setup"]["total_wall_seconds"] == 30.0 and len(merged["setup"]["parts"]) == 2
+    assert merged["setup"]["metric"] == {"vqa": "accuracy", "entailment": "accuracy"}
+    with pytest.raises(SystemExit, match="more than one part"):
+        bench.merge([str(tmp_path / "a"), str(tmp_path / "a")], str(tmp_path / "m2"))
