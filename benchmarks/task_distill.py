@@ -27,17 +27,16 @@ Usage::
     .venv/bin/python benchmarks/task_distill.py --smoke      # tiny sizes, 1 seed, 2 tasks: under a minute
     .venv/bin/python benchmarks/task_distill.py --tasks vqa --regimes low_shot_1 full --seeds 2
 
-Default sizes, chosen to fit in about 60 minutes on the 2-core CPU (estimated, the full run was not made): every
-training item of each task (VQA 38,575 questions, entailment 12,000 pairs, multiple choice 4,000 items; 1% of them
-is 385 / 120 / 40), 50 steps per run at batch 16 (VQA, entailment) or 8 (multiple choice: 4 candidates each), MAD's
-adaptation 20 steps at batch 32 (at most the regime's adaptation pairs), the first 300 test items of each task, one
-CPU thread (``--threads``). The estimate, from steps timed with one thread while three other jobs loaded the two
-cores (load average about 6), per step: VQA 0.20 s without the teacher and 0.39 s with it (batch 16), multiple choice
-0.28 / 0.54 s (batch 8), entailment about 0.20 / 0.32 s, MAD's adaptation 1.06 s (batch 32): per seed and regime
-about 90 s (VQA), 77 s (entailment) and 113 s (multiple choice) with evaluation and saving, 56 minutes for the
-36 of them, about 58 with loading the data and the teacher's zero-shot evaluation; add about 5 minutes when the
-reference teacher is not cached yet. On an idle machine it should be faster; two threads on a busy machine were
-about 6 times slower per step than one, hence ``--threads 1``.
+Default sizes: every training item of each task (VQA 38,575 questions, entailment 12,000 pairs, multiple choice
+4,000 items; 1% of them is 385 / 120 / 40), 150 steps per run at batch 16 (VQA, entailment) or 4 (multiple choice:
+4 candidates each, and with rationales half the samples are QA->R), MAD's adaptation 20 steps at batch 32 (at most
+the regime's adaptation pairs), the first 300 test items of each task, one CPU thread (``--threads``). At 50 steps
+every method stayed at chance; 300 steps did not fit. Measured 2026-11-30 (``runs/bench/task_distill.json``): run as
+three processes, one per task, then ``--merge``, while the VLKD benchmark and the test suite shared the two cores,
+from 06:48 to about 08:00; the per-run wall times add up to about 147 minutes of one (busy) core. On an idle machine,
+two processes (``--tasks vqa entailment`` and ``--tasks multiple_choice``) should take about half of that; that
+run was not made, so the 60-minute limit is not shown. Two threads on a busy machine were about 6 times slower per
+step than one, hence ``--threads 1``.
 """
 
 from __future__ import annotations

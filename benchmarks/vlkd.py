@@ -27,12 +27,15 @@ row's LM, beside the reference LM's before VLKD (``text_skill_before``).
 
 Usage::
 
-    .venv/bin/python benchmarks/vlkd.py              # the full benchmark (about 40 minutes on 2 cores, estimated)
+    .venv/bin/python benchmarks/vlkd.py              # the full benchmark (11 minutes measured; see below)
     .venv/bin/python benchmarks/vlkd.py --smoke      # tiny teacher and LM, 2 steps, one seed: under a minute
 
-Sizes (defaults) were chosen to fit 45 minutes on the 2-core machine, estimated from timed steps (not from a full
-run; see ``ESTIMATE``): 300 VLKD steps of batch 64 per run (4 trained rows x 3 seeds = 12 runs), 600 test questions
-(the questions of the first test images in a seeded order), 300 test images for captions, 400 held-out texts.
+Sizes (defaults), chosen to fit 45 minutes on the 2-core machine: 200 VLKD steps of batch 64 per run (4 trained
+rows x 3 seeds = 12 runs), 600 test questions (the questions of the first test images in a seeded order), 300 test
+images for captions, 400 held-out texts. Measured 2026-11-30 (``python benchmarks/vlkd.py --threads 1 --steps 200``,
+the reference teacher and LM already cached, the 2-core machine shared with two other benchmark processes): 676 s
+in all, 56-59 s per trained run; training the reference teacher (about 7.5 min) and LM (about 4.5 min) first adds
+about 12 minutes.
 """
 
 from __future__ import annotations
@@ -72,11 +75,9 @@ ROWS = ("answer_prior", "question_only", "no_ttdm", "no_itcl", "no_icti", "vlkd"
 TRAINED = {"no_ttdm": ("itcl", "icti"), "no_itcl": ("ttdm", "icti"), "no_icti": ("ttdm", "itcl")}
 TYPES = ("yes_no", "colour", "shape")
 ESTIMATE = (
-    "estimated from timed steps, not from a full run (one thread, on the 2-core machine while other jobs shared it, so "
-    "upper bounds): reference teacher 5 min if not cached (README); reference LM 800 steps x 0.4 s = 5.3 min if not "
-    "cached; teacher cache 0.6 min; per VLKD run 300 steps x 0.38 s = 1.9 min + 0.4 min of evaluation (600 questions "
-    "and 300 captions at up to 32 tokens: 128 questions took 1.9 s) and loading; 12 runs = 28 min; question_only and "
-    "answer_prior 1.2 min; total about 40 min with neither teacher nor LM cached, 35 min with both"
+    "measured 2026-11-30 with the reference teacher and LM cached, one thread, the 2-core machine shared with two "
+    "other benchmark processes: 676 s in all (56-59 s per trained run of 200 steps, 23 s without icti); training the "
+    "reference teacher and LM first adds about 12 minutes"
 )
 
 
@@ -84,7 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny teacher and LM, 2 steps, one seed: under a minute")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; smoke 1)")
-    p.add_argument("--steps", type=int, default=None, help="VLKD steps per run (default 300; smoke 2)")
+    p.add_argument("--steps", type=int, default=None, help="VLKD steps per run (default 200; smoke 2)")
     p.add_argument("--batch-size", type=int, default=None, help="VLKD batch (default 64; smoke 8)")
     p.add_argument("--vqa", type=int, default=None, help="test questions (default 600; smoke 16)")
     p.add_argument("--captions", type=int, default=None, help="test images captioned (default 300; smoke 8)")
@@ -99,7 +100,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="a recipe override for the trained rows, VALUE in YAML (e.g. --set 'stages.0.trainable=[prefix]')",
     )  # fmt: skip
     args = p.parse_args(argv)
-    full = {"seeds": 3, "steps": 300, "batch_size": 64, "vqa": 600, "captions": 300, "texts": 400}
+    full = {"seeds": 3, "steps": 200, "batch_size": 64, "vqa": 600, "captions": 300, "texts": 400}
     smoke = {"seeds": 1, "steps": 2, "batch_size": 8, "vqa": 16, "captions": 8, "texts": 16}
     for key, value in (smoke if args.smoke else full).items():
         if getattr(args, key) is None:

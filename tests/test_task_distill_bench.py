@@ -110,7 +110,7 @@ def test_clip_td_options_reach_the_loss_and_parts_merge(bench, tmp_path):
     args = bench.parse_args(["--output", str(tmp_path), "--clip-td", '{"weight": 0.5, "norm": "l2", "k": 4}'])
     args.split, args.regime_name = bench.REGIMES["full"], "full"
     cfg = bench.run_config("vqa", "clip_td", args.split, 0, args, "TEACHER", 20)
-    term = [t for t in cfg.stages[0].losses if t.name == "clip_td"][0]
+    term = next(t for t in cfg.stages[0].losses if t.name == "clip_td")
     assert term.weight == 0.5 and term.options["norm"] == "l2" and term.options["k"] == 4
     assert term.options["reduction"] == "mean"  # the recipe's other options are kept
     # two parts (one task each) merge into one result with both tasks and both commands

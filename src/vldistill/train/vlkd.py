@@ -84,6 +84,7 @@ def evaluate_generative(
             limit=cfg.data.limit_eval,
             image_root=cfg.data.image_root,
             skip_bad=cfg.data.skip_bad,
+            image_root_only=cfg.data.image_root_only,  # data.columns names the caption files' columns, not these
         )
         predict = task_predictor(student, "vqa", teacher=teacher, generation=gen)
         out["vqa"] = get_task("vqa").evaluate(predict, vqa_data, batch_size=gen.batch_size)
