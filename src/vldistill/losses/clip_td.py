@@ -63,7 +63,8 @@ class ClipTargetedDistillation(Loss):
       (``benchmarks/task_distill.py``, vilt-small, 10% of the training items, 300 steps, seed 0, 2026-11-30) the
       summed L1 term at ``lambda = 1`` (about 10 against a task loss of about 1.5, with a sign gradient on every one
       of the 128 dimensions) kept the task loss at chance: VQA 39.7% and entailment 33.3% against 66.0% and 65.7%
-      without the teacher; with ``mean`` the same run gave 67.0% and 66.7%.
+      without the teacher; with ``mean`` the same run gave 67.0% and 66.7% (one seed: a pilot that chose the default,
+      not a comparison of the two; the three-seed benchmark runs ``mean`` only).
     - ``w_i``: the teacher's confidence in the right answer, detached. With candidates (multiple choice) its
       zero-shot probability of the right one, ``softmax_c(s cos(v_i, t_ic))[y*_i]`` with ``s`` the teacher's logit
       scale (or ``scale``). Without candidates (VQA with ``qa``, entailment) there is nothing to normalise over, and
