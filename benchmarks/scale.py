@@ -11,9 +11,11 @@ Expected: rss_200k_mb / rss_20k_mb < 1.2 (training streams at constant memory); 
 Writes ``--samples`` pairs (16x16 PNG, one caption, a label in ``.json``) as webdataset tar shards of ``--per-shard``
 samples under ``WORK/wds/``, as img2dataset lays them out, then measures:
 
-  build_1proc_sps       ``vldistill cache`` on one process (in this process, all threads), on the small set
-  build_2proc_sps       the same on two processes with one thread each (``torchrun --nproc_per_node 2``; wall time of
-                        the launch, so process start-up is included)
+  build_1proc_sps       ``vldistill cache`` on the full set, one process with every core's thread (``python -m
+                        vldistill.cli cache``, ``OMP_NUM_THREADS`` = the cores): wall time of the command, start-up in
+  build_2proc_sps       the same cache built anew by two processes with one thread each (``torchrun
+                        --nproc_per_node 2``, gloo): wall time of the launch, start-up in; the two caches are compared
+                        shard by shard (``build_identical``)
   open_20k_s/200k_s     opening the cache for a streamed training run: the stream over the shards and the cache
                         matched to it (counts and shard fingerprint from the manifest), in a fresh process
   rss_20k_mb/200k_mb    peak resident memory (``VmHWM``, see ``benchmarks/memory.py``) of a fresh process that opens
@@ -21,8 +23,10 @@ samples under ``WORK/wds/``, as img2dataset lays them out, then measures:
   train_from_cache_sps  samples/s of that training on the full set
 
 "Small set" is the first tenth of the shards (20k samples in the full measure, 200 in the smoke run); the keys keep
-the full measure's names. The teacher and student are tiny untrained ``test-clip`` models: the measure is of the data
-path (reading, decoding, the cache), not of a model. Writes ``runs/bench/scale.json`` (``--out``) and prints a table.
+the full measure's names. Cache shards hold ``--per-shard`` rows (``cache.shard_rows``), so the two processes of a
+build share 200 cache shards in the full measure. The teacher and student are tiny untrained ``test-clip`` models:
+the measure is of the data path (reading, decoding, the cache), not of a model. Writes ``runs/bench/scale.json``
+(``--out``) and prints a table.
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ def make_models(work: Path) -> Path:
     return path
 
 
-def recipe(work: Path, data: str, teacher: Path, cache: Path, steps: int, batch_size: int, out: str):
+def recipe(work: Path, data: str, teacher: Path, cache: Path, steps: int, batch_size: int, out: str, shard_rows: int):
     from vldistill.config import load_recipe
 
     return load_recipe(
@@ -122,7 +126,7 @@ def recipe(work: Path, data: str, teacher: Path, cache: Path, steps: int, batch_
             "name": "scale",
             "student": {"preset": "test-clip"},
             "teacher": {"name_or_path": str(teacher), "languages": ["en"], "source": "cache", "cache": str(cache)},
-            "cache": {"batch_size": 256, "workers": 0},
+            "cache": {"batch_size": 256, "workers": 0, "shard_rows": shard_rows},
             "data": {"train": data, "eval": None, "languages": ["en"], "shuffle_buffer": 1000},
             "stages": [{"steps": steps, "losses": [{"name": "fd", "tower": "image"}, "clip"]}],
             "train": {
@@ -138,26 +142,34 @@ def recipe(work: Path, data: str, teacher: Path, cache: Path, steps: int, batch_
     )
 
 
-def build_rate(cfg, samples: int) -> float:
-    """``vldistill cache`` in this process: samples/s."""
-    from vldistill.train.fit import cache_recipe
-
-    t0 = time.perf_counter()
-    cache_recipe(cfg)
-    return samples / (time.perf_counter() - t0)
-
-
-def build_rate_2proc(work: Path, data: str, teacher: Path, out: Path, samples: int) -> float:
-    """``torchrun --nproc_per_node 2 -m vldistill.cli cache``, one thread per process: samples/s of the launch."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vldistill.cli"]
-    cmd += ["cache", "--teacher", str(teacher), "--data", data, "--languages", "en", "--batch-size", "256"]
-    cmd += ["--workers", "0", "--output", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def build_rate(work: Path, data: str, teacher: Path, out: Path, samples: int, shard_rows: int, nproc: int) -> float:
+    """``vldistill cache`` launched as a command: ``nproc`` 1 is ``python -m vldistill.cli cache`` with one thread
+    per core, otherwise ``torchrun --nproc_per_node NPROC`` with the cores shared out (one thread each on 2 cores).
+    Samples/s of the command's wall time, process start-up included."""
+    cores = os.cpu_count() or 1
+    launch = [sys.executable, "-m", "vldistill.cli"]
+    if nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        launch += ["-m", "vldistill.cli"]
+    cmd = [*launch, "cache", "--teacher", str(teacher), "--data", data, "--languages", "en", "--batch-size", "256"]
+    cmd += ["--workers", "0", "--shard-rows", str(shard_rows), "--output", str(out)]
+    threads = str(max(1, cores // nproc))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
-        raise RuntimeError(f"the two-process cache build failed: {done.stderr[-3000:]}")
+        raise RuntimeError(f"the {nproc}-process cache build failed: {done.stderr[-3000:]}")
     return samples / (time.perf_counter() - t0)
+
+
+def same_shards(a: Path, b: Path) -> bool:
+    """Whether two caches hold byte-identical shards (the manifests list the same files, sizes and SHA-256s)."""
+    from vldistill.cache import read_manifest
+
+    def listed(path: Path) -> list[tuple[str, int, str]]:
+        return [(s["file"], s["bytes"], s["sha256"]) for s in read_manifest(path)["shards"]]
+
+    return listed(a) == listed(b)
 
 
 def train_child(args: argparse.Namespace) -> None:
@@ -172,7 +184,7 @@ def train_child(args: argparse.Namespace) -> None:
 
     work = Path(job["work"])
     paths = (Path(job["teacher"]), Path(job["cache"]))
-    cfg = recipe(work, job["data"], *paths, job["steps"], job["batch_size"], job["out"])
+    cfg = recipe(work, job["data"], *paths, job["steps"], job["batch_size"], job["out"], job["shard_rows"])
     t0 = time.perf_counter()
     stream = load_stream(cfg.data.train, languages=["en"], shuffle_buffer=cfg.data.shuffle_buffer).dataset
     stream.adopt_counts(read_manifest(recipe_cache_dir(cfg))["source_shards"])
@@ -189,7 +201,7 @@ def train_child(args: argparse.Namespace) -> None:
 
 def measure_training(args, work: Path, data: str, teacher: Path, cache: Path, out: str) -> dict[str, Any]:
     job = {"work": str(work), "data": data, "teacher": str(teacher), "cache": str(cache), "out": out}
-    job.update(steps=args.steps, batch_size=args.batch_size)
+    job.update(steps=args.steps, batch_size=args.batch_size, shard_rows=args.per_shard)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     return run_measured([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)], env=env)
 
@@ -208,13 +220,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher = make_models(work)
     small_data, full_data = spec(work, small_shards), spec(work, shards)
 
-    small_cfg = recipe(work, small_data, teacher, work / "cache-small", args.steps, args.batch_size, "run-small")
-    build_1 = build_rate(small_cfg, small)
-    build_2 = build_rate_2proc(work, small_data, teacher, work / "cache-small-2proc", small)
-    full_cfg = recipe(work, full_data, teacher, work / "cache-full", args.steps, args.batch_size, "run-full")
+    small_cfg = recipe(work, small_data, teacher, work / "cache-small", 1, 1, "run-small", args.per_shard)
+    from vldistill.train.fit import cache_recipe
+
+    cache_recipe(small_cfg)  # the small set's cache, for the memory and opening measures
     t0 = time.perf_counter()
-    build_rate(full_cfg, args.samples)
+    build_1 = build_rate(work, full_data, teacher, work / "cache-full", args.samples, args.per_shard, 1)
     build_full_s = time.perf_counter() - t0
+    build_2 = build_rate(work, full_data, teacher, work / "cache-full-2proc", args.samples, args.per_shard, 2)
+    identical = same_shards(work / "cache-full", work / "cache-full-2proc")
+    shutil.rmtree(work / "cache-full-2proc", ignore_errors=True)
 
     run_small = measure_training(args, work, small_data, teacher, work / "cache-small", "run-small")
     run_full = measure_training(args, work, full_data, teacher, work / "cache-full", "run-full")
@@ -226,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "build_1proc_sps": round(build_1, 1),
         "build_2proc_sps": round(build_2, 1),
         "build_full_s": round(build_full_s, 1),
+        "build_2proc_over_1proc": round(build_2 / build_1, 3),
+        "build_identical": identical,
         "train_from_cache_sps": round(run_full["samples_per_second"], 1),
         "rss_20k_mb": round(run_small["peak_rss_mb"], 1),
         "rss_200k_mb": round(run_full["peak_rss_mb"], 1),
@@ -252,8 +269,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def print_table(r: dict[str, Any]) -> None:
     small, full = f"{r['small_samples']:,}", f"{r['samples']:,}"
     rows = [
-        ("cache build, 1 process (samples/s)", f"{r['build_1proc_sps']:.0f}", f"on {small}"),
-        ("cache build, 2 processes x 1 thread (samples/s)", f"{r['build_2proc_sps']:.0f}", f"on {small}, start-up in"),
+        ("cache build, 1 process x 2 threads (samples/s)", f"{r['build_1proc_sps']:.0f}", f"on {full}, start-up in"),
+        ("cache build, 2 processes x 1 thread (samples/s)", f"{r['build_2proc_sps']:.0f}", f"on {full}, start-up in"),
+        ("2 processes / 1 process (target >= 0.9)", f"{r['build_2proc_over_1proc']:.3f}", ""),
+        ("the two caches byte-identical", str(r["build_identical"]), "shard files, sizes, SHA-256"),
         ("training from the cache, streamed (samples/s)", f"{r['train_from_cache_sps']:.0f}", f"on {full}"),
         ("peak RSS, training", f"{r['rss_20k_mb']:.0f} MB / {r['rss_200k_mb']:.0f} MB", f"{small} / {full}"),
         ("RSS ratio (must stay < 1.2)", f"{r['rss_ratio']:.3f}", ""),

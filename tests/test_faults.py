@@ -341,6 +341,39 @@ def test_a_shard_with_corrupt_bytes_is_refused_at_opening_and_recomputed(cli_cac
     assert _cache_summary(capsys)["built_rows"] == 8 and sha256(shard) == original
 
 
+def test_opening_trusts_unchanged_shards_by_stat_and_vldistill_cache_checks_every_byte(
+    cli_cache, teacher_dir, train_data, monkeypatch, capsys
+):
+    """Opening a cache to train costs a ``stat`` per shard (size and modification time as written), not a read of
+    the cache; a shard rewritten or copied (another time) is hashed; ``vldistill cache`` hashes every shard."""
+    args, directory = cli_cache
+    with monkeypatch.context() as m:
+        m.setattr("vldistill.cache.writer.file_sha256", lambda p: pytest.fail(f"{p} was hashed at opening"))
+        _open(directory, teacher_dir, train_data)
+    shard = directory / "shard-00003.safetensors"
+    st, original = shard.stat(), sha256(shard)
+    os.utime(shard)  # touched (a copy): hashed again at opening, the same bytes, accepted
+    hashed = []
+    with monkeypatch.context() as m:
+        m.setattr("vldistill.cache.writer.file_sha256", lambda p: hashed.append(p.name) or original)
+        _open(directory, teacher_dir, train_data)
+    assert hashed == [shard.name]
+    capsys.readouterr()
+    assert main(args) == 0 and _cache_summary(capsys)["built_rows"] == 0  # checked, reused: its new time recorded
+    with monkeypatch.context() as m:
+        m.setattr("vldistill.cache.writer.file_sha256", lambda p: pytest.fail(f"{p} was hashed at opening"))
+        _open(directory, teacher_dir, train_data)
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-64:] = b"\xff" * 64
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old time set back by hand: not caught at opening
+    _open(directory, teacher_dir, train_data)
+    capsys.readouterr()
+    assert main(args) == 0  # vldistill cache reads every byte: found and recomputed
+    assert _cache_summary(capsys)["built_rows"] == 8 and sha256(shard) == original
+
+
 def test_a_teacher_giving_nan_is_never_cached(tmp_path, tokenizer, train_data):
     torch.manual_seed(1)
     bad = as_teacher(build_student("test-clip", tokenizer), ["en"])

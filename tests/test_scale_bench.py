@@ -28,5 +28,6 @@ def test_smoke_run_writes_every_key_and_streams_at_constant_memory(tmp_path):
     result = json.loads(out.read_text())
     assert set(KEYS) <= result.keys() and result["samples"] == 2000 and result["small_samples"] == 200
     assert all(result[k] > 0 for k in KEYS)
+    assert result["build_identical"] is True  # two processes built the same shards as one
     assert result["rss_200k_mb"] / result["rss_20k_mb"] < 1.2  # 10x the samples, the same memory
     assert "RSS ratio" in done.stdout and not (tmp_path / "work").exists()  # the table; shards and caches removed

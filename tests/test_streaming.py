@@ -225,3 +225,43 @@ def _first_epoch(stream, rank, worker):
         if entry[3] > 0:
             return
         yield entry
+
+
+def test_a_cache_is_built_from_a_streaming_hf_dataset_and_trains_from_it(tiny, tmp_path, fresh_accelerate_state):
+    from vldistill.cache import CacheError
+    from vldistill.data.streaming import StreamRows
+
+    directory = write_parquet(tmp_path / "pq", files=4, rows=6)
+    spec, teacher_dir = f"hf:{directory}", tiny[1]
+    cfg = stream_recipe(spec, tmp_path / "run", teacher_dir, tmp_path / "cache", steps=2, streaming=True)
+    built = cache_recipe(cfg)  # read in order through StreamRows: each shard counted, then read once
+    manifest = read_manifest(tmp_path / "cache")
+    assert built["rows"] == 24 and manifest["source_shards"] == [{"shard": i, "rows": 6} for i in range(4)]
+    mapped = stream_recipe(spec, tmp_path / "run2", teacher_dir, tmp_path / "cache-map", streaming=False)
+    cache_recipe(mapped)  # the same data read map-style: the same rows, digests and fingerprint
+    assert read_manifest(tmp_path / "cache-map")["dataset"]["fingerprint"] == manifest["dataset"]["fingerprint"]
+
+    rows = StreamRows(load_stream(spec, languages=["en"]).dataset)
+    assert len(rows) == 24 and rows[13]["index"] == 13 and rows[13]["captions"] == {"en": caption(2, 1)}
+    assert rows[2]["captions"] == {"en": caption(0, 2)}  # back to an earlier shard: reopened and skipped
+
+    stream = load_stream(spec, languages=["en"], shuffle_buffer=3).dataset
+    assert stream.adopt_counts(manifest["source_shards"]) == 4
+    assert sorted(i["index"] for i in stream) == list(range(24))  # the cache's rows, not shard << 40
+    assert fit_recipe(cfg, evaluate_after=False)["final"]["step"] == 2  # trains from the cache, streaming
+
+    write_parquet(tmp_path / "pq2", files=4, rows=6)
+    (tmp_path / "pq2" / "part-3.parquet").replace(directory / "part-3.parquet")  # same data: still accepted
+    changed = tmp_path / "changed"
+    write_parquet(changed, files=4, rows=6)
+    (changed / "part-3.parquet").unlink()
+    write_parquet(tmp_path / "one", files=1, rows=7)  # shard 3 now holds 7 samples
+    (tmp_path / "one" / "part-0.parquet").replace(changed / "part-3.parquet")
+    moved = load_stream(f"hf:{changed}", languages=["en"]).dataset
+    moved.adopt_counts(manifest["source_shards"])
+    ident = [teacher_identity(None, str(teacher_dir))]
+    with pytest.raises(DataError, match=r"shard 3 holds 7 samples, the teacher cache's manifest says 6"):
+        CachedTeachers(tmp_path / "cache", moved, ident, [["en"]], CacheConfig(batch_size=4, shard_rows=8))
+    with pytest.raises(CacheError):
+        CachedTeachers(tmp_path / "cache", load_stream(f"hf:{changed}", languages=["en"]).dataset, ident, [["en"]],
+                       CacheConfig(batch_size=4, shard_rows=8))  # fmt: skip

@@ -103,3 +103,35 @@ def test_opening_a_cache_of_tar_shards_reads_no_row_and_refuses_a_changed_captio
     write_shards(tmp_path / "wds", change={(1, 3): caption(1, 3).replace("number", "NUMBER")})  # same length
     with pytest.raises(CacheError, match="lacks rows for 1 of the 24 training samples"):
         CachedTeachers(tmp_path / "cache", TarPairs(spec), ident, [["en"]], options)
+
+
+def test_tar_pairs_keep_the_index_of_a_few_shards_only(tmp_path, monkeypatch):
+    spec = write_shards(tmp_path / "wds", shards=4, per_shard=5)
+    expected = [(item["captions"], item["label"], item["image"].tobytes()) for item in TarPairs(spec)]
+    monkeypatch.setattr(TarPairs, "INDEXED_SHARDS", 1)
+    data = TarPairs(spec)
+    assert len(data._indexed) == 1 and data.shard_rows == [5, 5, 5, 5]  # one shard's index after opening
+    order = [19, 0, 7, 18, 3, 12, 19]  # back and forth over the shards: each read re-indexes its shard as needed
+    got = [(data[i]["captions"], data[i]["label"], data[i]["image"].tobytes()) for i in order]
+    assert got == [expected[i] for i in order] and len(data._indexed) == 1
+    assert data[7]["captions"] == {"en": caption(1, 2)}
+
+    write_shards(tmp_path / "wds", shards=4, per_shard=6)  # the shards change under an open dataset
+    with pytest.raises(DataError, match=r"000\.tar: 6 samples now, 5 when the data was opened"):
+        data[0]
+
+
+def test_a_cache_of_the_data_it_was_built_on_keeps_no_row_table(tmp_path, teacher):
+    spec = write_shards(tmp_path / "wds")
+    ident = [teacher_identity(teacher)]
+    options = CacheConfig(batch_size=4, shard_rows=5, workers=0)
+    build_cache(tmp_path / "cache", [teacher], TarPairs(spec), [["en"]], ident, options, progress=False)
+    same = CachedTeachers(tmp_path / "cache", TarPairs(spec), ident, [["en"]], options)
+    assert same._rows.found is None  # row i is cached row i: found by arithmetic, nothing held per row
+    shard, offset = same._rows[torch.tensor([0, 4, 5, 23]).numpy()]
+    assert shard.tolist() == [0, 0, 1, 4] and offset.tolist() == [0, 4, 0, 3]
+    part = CachedTeachers(tmp_path / "cache", TarPairs(spec, limit=20), ident, [["en"]], options)
+    assert part._rows.found is not None and len(part._rows) == 20  # a subset: its rows found by content
+    batch = {"index": torch.tensor([19, 0, 7])}
+    a, b = same(batch, frozenset({"teacher"}))[0], part(batch, frozenset({"teacher"}))[0]
+    assert torch.equal(a.image, b.image) and torch.equal(a.text["en"], b.text["en"])

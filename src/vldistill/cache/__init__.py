@@ -37,10 +37,10 @@ names them (:func:`dataset_fields`: every field of the first sample). A cache of
 written by vldistill before task samples) is refused: rebuild it with ``vldistill cache ... --rebuild``.
 
 **Why safetensors shards rather than Arrow through** ``datasets``: every column is a fixed-shape tensor, which
-safetensors stores raw in float32, float16 or bfloat16 (Arrow has no bfloat16). A random training batch is then one
-numpy fancy-index per shard into a read-only memory map of the file, with no conversion from Arrow list arrays and
-nothing loaded that the batch does not touch (mapped pages are handed back to the kernel every
-:data:`~vldistill.cache.read.RELEASE_BYTES` read, so the resident memory stays bounded however large the cache). A
+safetensors stores raw in float32, float16 or bfloat16 (Arrow has no bfloat16). A random training batch is then a
+few ``os.pread`` calls per shard at offsets computed from the header, with no conversion from Arrow list arrays and
+nothing read or mapped that the batch does not need, so the resident memory does not grow with the cache
+(:mod:`vldistill.cache.read` says why not a memory map). A
 shard is one file written once (temporary name, then ``os.replace``): a killed build leaves whole shards and a
 manifest listing them, so resuming is "start after the last listed shard". And it adds no dependency: the project
 already stores weights in safetensors.
@@ -100,7 +100,7 @@ from .identity import (
     teacher_identity,
     weights_digest,
 )
-from .read import RELEASE_BYTES, CachedTeachers
+from .read import CachedTeachers
 from .recipe import (
     build_recipe_cache,
     open_recipe_cache,
@@ -116,7 +116,6 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
-    "RELEASE_BYTES",
     "SHARD_BYTES",
     "CacheError",
     "CachedTeachers",

@@ -19,7 +19,17 @@ import numpy as np
 from .. import __version__
 from ..config import CacheConfig
 from ..models import Teacher
-from .distributed import all_gather, build_together, clear_records, local_device, plan_build, records, share, world
+from .distributed import (
+    all_gather,
+    broadcast,
+    build_together,
+    clear_records,
+    local_device,
+    plan_build,
+    records,
+    share,
+    world,
+)
 from .extend import add_teachers
 from .fingerprint import dataset_digests, fingerprint
 from .identity import (
@@ -108,9 +118,15 @@ def build_cache(
         if "build" not in plan:
             return plan
         return run_build(directory, teachers, dataset, fields, digests, views, plan["build"], options, progress)
+    source_shards = None
+    tar_shards = hasattr(dataset, "shards") and hasattr(dataset, "shard_fingerprint")
+    if tar_shards and broadcast(not (directory / MANIFEST).exists()):  # a new cache stores the shards' fingerprint
+        # tar shards: each process hashes a share of the shard files (one sequential read each), all get the list
+        mine = share(len(dataset.shards), rank, size)
+        source_shards = [e for part in all_gather(dataset.shard_fingerprint(subset=mine)) for e in part]
 
     def prepare() -> dict[str, Any]:  # process 0 alone
-        plan = _prepare(*args, digests, digest_fields, header, views)
+        plan = _prepare(*args, digests, digest_fields, header, views, source_shards)
         if "build" not in plan:
             clear_records(directory)
             return plan
@@ -134,9 +150,11 @@ def _prepare(
     digest_fields,
     header,
     views,
+    source_shards=None,
 ) -> dict[str, Any]:
     """Read and check the directory's cache: a summary when nothing is left to build (reused, repaired or extended
-    here, on this process alone), else ``{"build": manifest}`` with the complete shards listed."""
+    here, on this process alone), else ``{"build": manifest}`` with the complete shards listed. ``source_shards``:
+    the tar shards' fingerprint when the processes of a distributed build computed it together."""
     try:
         manifest = read_manifest(directory)
     except CacheError:
@@ -157,6 +175,7 @@ def _prepare(
                 directory, manifest, header, teachers, dataset, digests, digest_fields, options, progress
             )
         if added is not None and not callable(added):  # every teacher cached: reuse
+            _record_times(directory, manifest)
             built = sum(manifest["shards"][i]["rows"] for i, _ in repaired)
             done = summary(directory, manifest, built, time.perf_counter() - start)
             return {**done, "repaired": [why for _, why in repaired]} if repaired else done
@@ -193,10 +212,22 @@ def _prepare(
         rows = options.shard_rows or auto_shard_rows(teachers, dataset, header, fields, views)
         manifest = {**header, "vldistill": __version__, "shard_rows": rows, "shards": [], "complete": False}
         if hasattr(dataset, "shard_fingerprint"):  # tar shards: opening the cache compares these, not every row
-            manifest["source_shards"] = dataset.shard_fingerprint()
+            manifest["source_shards"] = source_shards or dataset.shard_fingerprint()
         write_json(directory / MANIFEST, manifest)
     manifest["shards"] = _valid_prefix(directory, manifest["shards"])
     return {"build": manifest}
+
+
+def _record_times(directory: Path, manifest: dict[str, Any]) -> None:
+    """After every shard was checked byte for byte: record the shards' present modification times (a copied cache
+    has new ones), so that opening the cache trusts them by ``stat`` again instead of hashing them every time."""
+    changed = False
+    for shard in manifest["shards"]:
+        mtime = (directory / shard["file"]).stat().st_mtime_ns
+        changed |= shard.get("mtime_ns") != mtime
+        shard["mtime_ns"] = mtime
+    if changed:
+        write_json(directory / MANIFEST, manifest)
 
 
 def _clear(directory: Path) -> None:

@@ -1,17 +1,21 @@
-"""Reading a cache in training: :class:`CachedTeachers`, a drop-in ``TeacherSource`` over memory-mapped shards.
+"""Reading a cache in training: :class:`CachedTeachers`, a drop-in ``TeacherSource`` over the cache's shards.
 
-A random training batch is one numpy fancy-index per shard into a read-only memory map of the file, with nothing
-loaded that the batch does not touch; mapped pages are handed back to the kernel every :data:`RELEASE_BYTES` read,
-so the resident memory stays bounded however large the cache.
+A random training batch is read row by row from the shard files with ``os.pread`` (one read per run of consecutive
+rows), nothing else: the process neither loads nor maps what the batch does not need, so its resident memory does
+not grow with the cache. (Earlier versions memory-mapped the shards; every touched page of a map stays resident until
+released, and on a kernel with large page-cache folios one touched row maps its whole folio, up to the whole shard:
+training from a 200k-row cache then held 41 MB more than from a 20k-row one.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,38 +31,97 @@ from .identity import MANIFEST, CacheError, find_teacher, first_difference, iden
 from .views import ViewTable, augmentation_settings
 from .writer import DTYPES, damaged_shards
 
-RELEASE_BYTES = 256 << 20
-"""Mapped cache pages are released (``madvise(MADV_DONTNEED)``) after this many bytes were read."""
+OPEN_FILES = 64
+"""Shard files a reader keeps open at once."""
 
 _NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U8": np.uint8, "I64": np.int64}
 _TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8, "I64": torch.int64}
 
 
+class _RowTable:
+    """Where each dataset row is cached: ``table[rows] -> (shard, offset)`` arrays.
+
+    When the dataset is the one the cache was built on (row ``i`` is cached row ``i``) this is arithmetic on the row
+    number and holds nothing, so training from a cache of any size keeps no per-row table; otherwise (a subset or
+    reordering of the cached data, matched by content) it holds the two int64 per row it found.
+    """
+
+    def __init__(self, n: int, shard_rows: int, found: np.ndarray | None = None):
+        self.n, self.shard_rows, self.found = n, shard_rows, found
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.found is not None:
+            return self.found[rows, 0], self.found[rows, 1]
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+            outside = rows[(rows < 0) | (rows >= self.n)][:5].tolist()
+            raise IndexError(f"rows {outside} outside the {self.n} cached rows")
+        return rows // self.shard_rows, rows % self.shard_rows
+
+
 class _Shard:
-    """One shard, memory-mapped read-only: each tensor is a numpy view of the mapping (nothing is loaded)."""
+    """One shard: its header parsed at opening (nothing else read), its rows read with ``os.pread``.
+
+    Training reads a few rows per shard per batch. They are copied from the file with one ``pread`` per run of
+    consecutive rows, so the process maps nothing and holds only the batch: resident memory does not grow with the
+    cache, as it does with a memory map, whose every touched page (a whole large folio of the page cache on recent
+    kernels) stays resident until it is released. :attr:`arrays` maps the file for whole-column reads (row keys and
+    views at opening, tests).
+    """
 
     def __init__(self, path: Path, size: int):
         if not path.is_file() or path.stat().st_size != size:
             raise CacheError(f"shard {path} is missing or has the wrong size: the cache is damaged; rebuild it")
+        self.path = path
         with open(path, "rb") as f:
-            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        (n,) = struct.unpack("<Q", self.map[:8])
-        header = json.loads(self.map[8 : 8 + n])
-        buffer = np.frombuffer(self.map, dtype=np.uint8)
-        self.arrays: dict[str, np.ndarray] = {}
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        self.base = 8 + n
+        self.columns: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            begin, end = info["data_offsets"]
-            raw = buffer[8 + n + begin : 8 + n + end]
-            self.arrays[name] = raw.view(_NUMPY[info["dtype"]]).reshape(info["shape"])
+            self.columns[name] = (info["data_offsets"][0], np.dtype(_NUMPY[info["dtype"]]), tuple(info["shape"]))
             self.dtypes[name] = _TORCH[info["dtype"]]
+        self._arrays: dict[str, np.ndarray] | None = None
 
-    def release(self) -> None:
-        """Drop the mapped pages from this process (the kernel's page cache keeps them for the next read)."""
-        if hasattr(mmap, "MADV_DONTNEED"):
-            self.map.madvise(mmap.MADV_DONTNEED)
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every tensor as a numpy view of a read-only memory map of the file (mapped on first use)."""
+        if self._arrays is None:
+            with open(self.path, "rb") as f:
+                buffer = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+            self._arrays = {}
+            for name, (begin, dtype, shape) in self.columns.items():
+                count = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                raw = buffer[self.base + begin : self.base + begin + count]
+                self._arrays[name] = raw.view(dtype).reshape(shape)
+        return self._arrays
+
+    def read(self, fd: int, name: str, offsets: np.ndarray, views: np.ndarray | None) -> np.ndarray:
+        """Rows ``offsets`` of tensor ``name`` (of a ``[n, K, ...]`` tensor: view ``views[i]`` of each row)."""
+        begin, dtype, shape = self.columns[name]
+        inner = shape[2:] if views is not None else shape[1:]
+        item = int(np.prod(inner, dtype=np.int64)) * dtype.itemsize
+        slot = offsets * shape[1] + views if views is not None else offsets
+        positions = self.base + begin + slot.astype(np.int64) * item
+        order = np.argsort(positions, kind="stable")
+        sorted_pos = positions[order]
+        breaks = np.nonzero(np.diff(sorted_pos) != item)[0] + 1  # runs of consecutive rows: one read each
+        starts, ends = np.concatenate([[0], breaks]), np.concatenate([breaks, [len(sorted_pos)]])
+        flat = np.empty((len(sorted_pos), item), dtype=np.uint8)
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            data = os.pread(fd, (b - a) * item, int(sorted_pos[a]))
+            if len(data) != (b - a) * item:
+                raise CacheError(f"shard {self.path} is shorter than its header says: the cache is damaged; rebuild it")
+            flat[a:b] = np.frombuffer(data, dtype=np.uint8).reshape(b - a, item)
+        out = np.empty_like(flat)
+        out[order] = flat
+        return out.view(dtype).reshape(len(offsets), *inner)
 
 
 class CachedTeachers:
@@ -122,37 +185,36 @@ class CachedTeachers:
             raise CacheError(
                 f"dtype (recipe: cache.dtype): the cache stores {manifest['dtype']}, the run asks for {options.dtype}"
             )
-        damaged = damaged_shards(self.directory, manifest["shards"])  # at opening, before any training: see below
+        damaged = damaged_shards(self.directory, manifest["shards"], quick=True)  # at opening, before training
         if damaged:
             raise CacheError(
                 f"the teacher cache at {self.directory} is damaged ({'; '.join(why for _, why in damaged)}); run "
                 f"`vldistill cache` with the same recipe or arguments to recompute those shards, or rebuild it "
                 f"(--rebuild)"
             )
-        self._read = 0
+        self._fds: OrderedDict[int, int] = OrderedDict()
         entries = [manifest["teachers"][k] for k in self._columns]
         self.dims = tuple(ModelDims(**t["dims"]) for t in entries)
         self._out_dtypes = [DTYPES.get(t["dtype"], torch.float32) for t in entries]
         self._shards = [_Shard(self.directory / s["file"], s["bytes"]) for s in manifest["shards"]]
-        self._shard, self._offset = self._locate(dataset)
+        self._rows = self._locate(dataset)
         self.views = self._view_table() if manifest["augmentation"]["views"] > 1 else None
 
     # ------------------------------------------------------------------------------------------ opening
-    def _locate(self, dataset) -> tuple[np.ndarray, np.ndarray]:
-        """Shard and offset of every dataset row, found by content digest."""
+    def _locate(self, dataset) -> _RowTable:
+        """Shard and offset of every dataset row: by arithmetic when the dataset is the one the cache was built on
+        (no table held: constant memory however many rows), else found by content digest (16 bytes per row)."""
         info = self.manifest["dataset"]
         stored = self.manifest.get("source_shards")
         # tar shards: the same shard files (name, size, SHA-256; the stored digest trusted while a shard's size and
         # time are unchanged) hold the same rows in the same order: no row is read
         same_rows = stored and hasattr(dataset, "shard_fingerprint") and len(dataset) == info["rows"]
-        if same_rows and _stable(dataset.shard_fingerprint(known=stored)) == _stable(stored):
-            rows = np.arange(len(dataset))
-            return rows // self.manifest["shard_rows"], rows % self.manifest["shard_rows"]
+        if same_rows and _stable(stored) is not None and _stable(dataset.shard_fingerprint(stored)) == _stable(stored):
+            return _RowTable(len(dataset), self.manifest["shard_rows"])
         digests = dataset_digests(dataset, info["fields"])
         n = len(digests)
         if fingerprint(digests) == info["fingerprint"]:  # the very data it was built on: row i is cached row i
-            rows = np.arange(n)
-            return rows // self.manifest["shard_rows"], rows % self.manifest["shard_rows"]
+            return _RowTable(n, self.manifest["shard_rows"])
         where: dict[bytes, tuple[int, int]] = {}
         for s, shard in enumerate(self._shards):
             for offset, key in enumerate(shard.arrays["row_key"]):
@@ -170,19 +232,19 @@ class CachedTeachers:
                 f"dataset: the cache lacks rows for {missing} of the {n} training samples (it was built on "
                 f"{built_on}); rebuild it for this data"
             )
-        return np.array([loc[0] for loc in found]), np.array([loc[1] for loc in found])
+        return _RowTable(n, self.manifest["shard_rows"], np.array(found, dtype=np.int64).reshape(n, 2))
 
     def where(self, index: Tensor, teacher: int = 0) -> str:
         """The shard files and rows that hold the cached outputs of dataset rows ``index`` (for error messages)."""
         rows = index.cpu().numpy()
-        shard, offset = self._shard[rows], self._offset[rows]
+        shard, offset = self._rows[rows]
         files = self.manifest["shards"]
         found = [f"{files[s]['file']} row {o}" for s, o in zip(shard.tolist(), offset.tolist(), strict=True)]
         more = f" and {len(found) - 4} more" if len(found) > 4 else ""
         return f"cache {self.directory}, column t{self._columns[teacher]}: {', '.join(found[:4])}{more}"
 
     def _view_table(self) -> ViewTable:
-        return ViewTable(self._gather("views", np.arange(len(self._shard)), None))
+        return ViewTable(self._gather("views", np.arange(len(self._rows)), None))
 
     def check_needs(self, needs: frozenset[str], where: str = "") -> None:
         """Fail before training when a loss needs token features the cache does not have."""
@@ -226,22 +288,37 @@ class CachedTeachers:
         return self._gather(name, rows, views).to(device=device, dtype=dtype)
 
     def _gather(self, name: str, rows: np.ndarray, views: np.ndarray | None) -> Tensor:
-        """Rows (and views) of one tensor, gathered shard by shard from the memory maps."""
-        if name not in self._shards[0].arrays:
+        """Rows (and views) of one tensor, read shard by shard (:meth:`_Shard.read`)."""
+        if name not in self._shards[0].columns:
             raise CacheError(f"the teacher cache at {self.directory} has no {name!r}")
-        shard, offset = self._shard[rows], self._offset[rows]
-        first = self._shards[0].arrays[name]
-        out = np.empty((len(rows), *first.shape[1 + (views is not None) :]), dtype=first.dtype)
-        for s in np.unique(shard):
+        shard, offset = self._rows[rows]
+        _, dtype, shape = self._shards[0].columns[name]
+        out = np.empty((len(rows), *shape[1 + (views is not None) :]), dtype=dtype)
+        for s in np.unique(shard).tolist():
             sel = np.nonzero(shard == s)[0]
-            array = self._shards[s].arrays[name]
-            out[sel] = array[offset[sel], views[sel]] if views is not None else array[offset[sel]]
-        self._read += len(rows) * max(out.nbytes // max(len(rows), 1), mmap.PAGESIZE)  # a row maps a page at least
-        if self._read >= RELEASE_BYTES:  # keep the resident set bounded on caches larger than memory
-            for s in self._shards:
-                s.release()
-            self._read = 0
+            out[sel] = self._shards[s].read(self._fd(s), name, offset[sel], None if views is None else views[sel])
         return torch.from_numpy(out).view(self._shards[0].dtypes[name])
+
+    def _fd(self, shard: int) -> int:
+        """An open descriptor of a shard's file; at most :data:`OPEN_FILES` stay open (the least recently read are
+        closed)."""
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self._shards[shard].path, os.O_RDONLY)
+            while len(self._fds) > OPEN_FILES:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(shard)
+        return fd
+
+    def close(self) -> None:
+        """Close the shard files (reading again reopens them)."""
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __del__(self):
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()
 
 
 def _match_teachers(cached: list[dict[str, Any]], run: list[dict[str, Any]], fields: list[list[str]]) -> list[int]:
@@ -272,6 +349,9 @@ def _match_teachers(cached: list[dict[str, Any]], run: list[dict[str, Any]], fie
     return columns
 
 
-def _stable(shards: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
-    """What two tar-shard fingerprints must agree on: each shard's name, size and SHA-256, in order."""
+def _stable(shards: list[dict[str, Any]]) -> list[tuple[str, int, str]] | None:
+    """What two tar-shard fingerprints must agree on: each shard's name, size and SHA-256, in order (``None`` for
+    entries without them, such as a streamed ``hf:`` source's counts: never trusted without reading the rows)."""
+    if not all("sha256" in s and "name" in s for s in shards):
+        return None
     return [(s["name"], s["bytes"], s["sha256"]) for s in shards]

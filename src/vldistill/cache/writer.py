@@ -209,7 +209,15 @@ def _write_shard(
     tmp = directory / f".{name}.tmp"
     digest = save_safetensors(tensors, directory / name, metadata={"format": FORMAT}, tmp=tmp)
     rows = len(tensors["row_key"])
-    entry = {"file": name, "start": start, "rows": rows, "bytes": (directory / name).stat().st_size, "sha256": digest}
+    st = (directory / name).stat()
+    entry = {
+        "file": name,
+        "start": start,
+        "rows": rows,
+        "bytes": st.st_size,
+        "sha256": digest,
+        "mtime_ns": st.st_mtime_ns,
+    }
     if record:  # one process of several: recorded beside the shard, listed in the manifest at the end
         from .distributed import write_record
 
@@ -229,23 +237,28 @@ def _add_columns(directory: Path, manifest: dict[str, Any], index: int, tensors:
     columns = {**load_file(str(path)), **tensors}
     tmp = directory / f".{shard['file']}.tmp"
     shard["sha256"] = save_safetensors(columns, path, metadata={"format": FORMAT}, tmp=tmp)
-    shard["bytes"] = path.stat().st_size
+    shard["bytes"], shard["mtime_ns"] = path.stat().st_size, path.stat().st_mtime_ns
     manifest["extending"]["shards_done"] = index + 1
     write_json(directory / MANIFEST, manifest)
 
 
-def damaged_shards(directory: Path, shards: Sequence[dict[str, Any]]) -> list[tuple[int, str]]:
+def damaged_shards(directory: Path, shards: Sequence[dict[str, Any]], quick: bool = False) -> list[tuple[int, str]]:
     """``(index, what is wrong)`` for each listed shard that is missing, has another size, or whose SHA-256 differs
     from the manifest's (hashed on a few threads: hashlib releases the GIL). Shards listed without a checksum
-    (caches written before vldistill stored them) are checked by size only."""
+    (caches written before vldistill stored them) are checked by size only. With ``quick`` (opening a cache to train
+    from it), a shard whose size and modification time are the ones the manifest recorded when it was written is
+    trusted without being read, as ``make`` and ``rsync`` trust a file; the others (a copied cache, a rewritten
+    shard) are hashed. So opening costs a ``stat`` per shard, not a read of the cache."""
 
     def check(shard: dict[str, Any]) -> str | None:
         path = Path(directory) / shard["file"]
         if not path.is_file():
             return f"{shard['file']}: missing"
-        size = path.stat().st_size
-        if size != shard["bytes"]:
-            return f"{shard['file']}: {size} bytes, the manifest says {shard['bytes']}"
+        st = path.stat()
+        if st.st_size != shard["bytes"]:
+            return f"{shard['file']}: {st.st_size} bytes, the manifest says {shard['bytes']}"
+        if quick and shard.get("mtime_ns") == st.st_mtime_ns:
+            return None
         if shard.get("sha256") and file_sha256(path) != shard["sha256"]:
             return f"{shard['file']}: its SHA-256 differs from the manifest's (its bytes changed)"
         return None

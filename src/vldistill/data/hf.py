@@ -224,8 +224,11 @@ class HfStream(ShardStream):
     (``to_iterable_dataset``, one shard per file); anything else with ``load_dataset(..., streaming=True)``.
 
     The per-shard sample counts of a stream are not known without reading it: a sample's ``index`` is then
-    ``shard * 2**40 + position`` and a teacher-output cache cannot be matched to it (training from a cache needs the
-    dataset read map-style, ``data.streaming: false``).
+    ``shard * 2**40 + position``. A teacher cache built from the stream (``vldistill cache`` with ``data.streaming:
+    true``, which counts every shard once) stores the counts; a stream training from that cache adopts them
+    (:meth:`adopt_counts`), so its ``index`` is the sample's row in the shards' order, the cache's row. Opening the
+    cache then hashes every row once (:meth:`row_digests`, no image decoded), which also checks the counts: a
+    streamed ``hf:`` dataset has no cheap shard fingerprint as tar shards have.
 
     Args:
         name_or_path, split, columns, image_root, image_root_only, **load_kwargs: as :func:`load_hf_dataset`.
@@ -272,6 +275,7 @@ class HfStream(ShardStream):
         self.root = Path(image_root) if image_root is not None else _hf_image_root(name_or_path, load_kwargs)
         self.root_only = image_root_only
         self.split = split or ""
+        self._counts: list[int | None] = [None] * self.n_shards
 
     @property
     def n_shards(self) -> int:
@@ -315,21 +319,61 @@ class HfStream(ShardStream):
                 ]
         return out
 
+    def shard_counts(self) -> list[int] | None:
+        """Samples per shard when every count is known (adopted from a cache, or counted), else ``None``."""
+        return None if None in self._counts else list(self._counts)  # type: ignore[arg-type]
+
+    def count_shards(self) -> list[int]:
+        """Samples per shard, counting the unknown ones by reading them once (no image decoded)."""
+        for shard, count in enumerate(self._counts):
+            if count is None:
+                self._counts[shard] = sum(1 for _ in self.shard_samples(shard))
+        return list(self._counts)  # type: ignore[arg-type]
+
+    def adopt_counts(self, known: Sequence[dict[str, Any]] | None) -> int:
+        """Take the per-shard counts a teacher cache built from this stream stores (its manifest's
+        ``source_shards``: ``{"shard", "rows"}`` per shard) when it lists as many shards as the stream has; they are
+        checked against the data when the cache is opened (:meth:`row_digests`). Returns how many were taken."""
+        entries = [k for k in known or [] if "shard" in k and "rows" in k]
+        if len(entries) != self.n_shards or [k["shard"] for k in entries] != list(range(self.n_shards)):
+            return 0
+        self._counts = [int(k["rows"]) for k in entries]
+        self.__dict__.pop("_offsets", None)
+        return len(entries)
+
+    def raw_digest(self, raw: dict[str, Any], fields: Sequence[str]) -> bytes:
+        """The row digest :func:`vldistill.cache.sample_digest` gives the same row read map-style (``hf:`` with
+        ``data.streaming: false``): the image's encoded bytes (or its file's), then the caption per field."""
+        import hashlib
+
+        record = {key: raw[col] for key, col in self.mapping.items()}
+        name, data = _hf_image(record.get("image"), f"{self.source}", self.root, self.root_only)
+        h = hashlib.blake2b(digest_size=16)
+        if isinstance(data, bytes | bytearray):
+            h.update(data)
+        elif isinstance(data, Image.Image):
+            h.update(f"{data.mode}{data.size}".encode())
+            h.update(data.tobytes())
+        else:
+            with open(name, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        for lang in fields:
+            text = record.get(f"caption_{lang}", record.get("caption"))
+            h.update(b"\0" + lang.encode() + b"\0" + str(text or "").strip().encode())
+        return h.digest()
+
     def __len__(self) -> int:
-        """The number of samples: from the dataset's split information when it has it, else by reading it once."""
+        """The number of samples: from the shard counts when known, else the dataset's split information, else by
+        reading it once."""
+        counts = self.shard_counts()
+        if counts is not None:
+            return sum(counts)
         info = getattr(self.dataset, "info", None)
         splits = getattr(info, "splits", None) or {}
         if self.split in splits and splits[self.split].num_examples:
             return int(splits[self.split].num_examples)
-        return sum(1 for shard in range(self.n_shards) for _ in self.shard_samples(shard))
-
-    def row_digests(self, fields: Sequence[str], rows: Sequence[int] | None = None) -> Any:
-        """Refused: a teacher cache finds a sample's row by its position in the data it was built on, which a
-        streamed ``hf:`` dataset does not know before reading it."""
-        raise DataError(
-            f"{self.source}: a streamed hf: dataset cannot be matched to a teacher cache (its per-shard sample counts "
-            "are unknown); train from the cache with data.streaming: false, or convert the data to webdataset shards"
-        )
+        return sum(1 for shard in range(self.n_shards) for _ in self.shard_samples(shard))  # counts kept unknown
 
     def __repr__(self) -> str:
         return f"HfStream({self.n_shards} shards, source={self.source!r}, shuffle_buffer={self.shuffle_buffer})"

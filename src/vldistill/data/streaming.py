@@ -37,8 +37,9 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .pairs import DataError
 
@@ -81,6 +82,54 @@ class ShardStream(IterableDataset):
     def shard_counts(self) -> list[int] | None:
         """Samples per shard, when known (``None`` otherwise)."""
         return None
+
+    def count_shards(self) -> list[int]:
+        """Samples per shard, counted by reading the shards that are not known yet (nothing decoded)."""
+        counts = self.shard_counts()
+        if counts is None:
+            raise NotImplementedError
+        return counts
+
+    def raw_digest(self, raw: Any, fields: Sequence[str]) -> bytes:
+        """A raw sample's 16-byte row digest (its encoded image bytes, then its caption per field), the same as
+        :func:`vldistill.cache.sample_digest` gives the sample read map-style."""
+        raise NotImplementedError
+
+    def row_digests(self, fields: Sequence[str], rows: Sequence[int] | None = None) -> np.ndarray:
+        """``[n, 16]`` uint8 row digests of every row, or of ``rows`` (a contiguous range: one process's share of a
+        cache build), by one sequential read of the shards that hold them, no image decoded. Reading every row also
+        checks the shard counts the stream holds (adopted from a cache's manifest) against the data."""
+        for name in fields:
+            if name not in self.languages:
+                raise DataError(f"languages: {self.source} has captions in {self.languages}, not {name!r}")
+        if rows is not None and len(rows) and list(rows) != list(range(rows[0], rows[0] + len(rows))):
+            raise DataError(f"{self.source}: a stream gives the digests of a contiguous range of rows, not {rows!r}")
+        known = self.shard_counts()
+        counts = known if rows is not None else None
+        if rows is not None and counts is None:
+            counts = self.count_shards()
+        first, last = (rows[0], rows[0] + len(rows)) if rows is not None else (0, None)
+        out, start, found = [], 0, []
+        for shard in range(self.n_shards):
+            if counts is not None and (start + counts[shard] <= first or (last is not None and start >= last)):
+                start += counts[shard]
+                continue
+            n = 0
+            for raw in self.shard_samples(shard):
+                if last is None or first <= start + n < last:
+                    out.append(self.raw_digest(raw, fields))
+                n += 1
+            found.append(n)
+            start += n
+        if rows is None and known is not None and found != list(known):
+            bad = next(i for i, (a, b) in enumerate(zip(found, known, strict=True)) if a != b)
+            raise DataError(
+                f"{self.source}: shard {bad} holds {found[bad]} samples, the teacher cache's manifest says "
+                f"{known[bad]}: the data changed since the cache was built; rebuild the cache"
+            )
+        if not out:
+            return np.empty((0, 16), dtype=np.uint8)
+        return np.frombuffer(b"".join(out), dtype=np.uint8).reshape(len(out), 16).copy()
 
     # ------------------------------------------------------------------------------------------ reading in order
     def index_of(self, shard: int, position: int) -> int:
@@ -204,3 +253,62 @@ class StreamBatches(IterableDataset):
                 item["epoch"] = epoch
                 batch.append(item)
             yield batch
+
+
+class StreamRows(Dataset):
+    """A stream's samples as map-style rows, to build a teacher cache from a streamed source (``vldistill cache`` on
+    ``hf:`` data with ``data.streaming: true``): row ``i`` is the ``i``-th sample in the shards' order, which is the
+    ``index`` the same stream gives it in training once it holds the cache's shard counts.
+
+    It holds one count per shard and one open shard reader, never a per-sample table. A row is read by continuing
+    the open shard's reader, or by opening its shard and skipping (reading, not decoding) the samples before it, so
+    reading rows in order, as a cache build does, reads each shard about once. With DataLoader workers each worker
+    reads past the other workers' batches. The shard counts are taken from the stream, or counted once by reading
+    every shard without decoding (on every process of a distributed build).
+    """
+
+    def __init__(self, stream: ShardStream):
+        self.stream, self.source, self.languages = stream, stream.source, stream.languages
+        self.counts = list(stream.count_shards())
+        self._starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self._reader: list[Any] | None = None  # [shard, next position, iterator]
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getstate__(self) -> dict[str, Any]:  # a DataLoader worker opens its own reader
+        return {**self.__dict__, "_reader": None}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = range(len(self))[index]
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        position = index - int(self._starts[shard])
+        reader = self._reader
+        if reader is None or reader[0] != shard or reader[1] > position:
+            reader = self._reader = [shard, 0, iter(self.stream.shard_samples(shard))]
+        try:
+            while reader[1] < position:
+                next(reader[2])
+                reader[1] += 1
+            raw = next(reader[2])
+        except StopIteration:
+            raise DataError(
+                f"{self.source}: shard {shard} ended before its sample {position} (it held {self.counts[shard]} when "
+                "counted): the data changed while it was read"
+            ) from None
+        reader[1] += 1
+        return {**self.stream.decode(raw, shard, position), "index": index}
+
+    def row_digests(self, fields: Sequence[str], rows: Sequence[int] | None = None) -> np.ndarray:
+        return self.stream.row_digests(fields, rows)
+
+    def shard_fingerprint(self, known: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """What a cache's manifest stores of the source's shards: the stream's own fingerprint when it has one
+        (tar shards), else each shard's sample count (a stream training from the cache adopts them)."""
+        own = getattr(self.stream, "shard_fingerprint", None)
+        if own is not None:
+            return own(known)
+        return [{"shard": i, "rows": n} for i, n in enumerate(self.counts)]
+
+    def __repr__(self) -> str:
+        return f"StreamRows({len(self)} rows of {self.stream!r})"

@@ -5,8 +5,10 @@ samples as consecutive members sharing a key: ``KEY.jpg`` (or ``.jpeg``, ``.png`
 caption, in ``language``) and optionally ``KEY.json`` (metadata; its ``label`` is used when it is an integer).
 
 **Random access over tar shards.** :class:`TarPairs` scans each shard's tar *headers* once (``tarfile``, seeking over
-the data) and keeps, per sample, the shard and the offsets and sizes of its image, caption and metadata: seven int64 (56
-bytes) per sample, never an image (so 0.8 GB per process at 15M samples: not constant memory). An item reads its members
+the data) and keeps one sample count per shard; the per-sample index of a shard (the offsets and sizes of each
+sample's image, caption and metadata: seven int64) is kept for the few shards read last and scanned again when
+another shard is read, so memory does not grow with the number of samples (a cache build reads the rows in order,
+so each shard is scanned about once more; random access over many shards scans often). An item reads its members
 with ``os.pread`` and decodes the image. So it serves the cache build (which needs fixed rows per cache shard, whichever
 process computes it) and the trainer's random batches as a map-style dataset. Why not the ``webdataset`` package here:
 it streams each shard from start to end (``IterableDataset``) and has no random access; :func:`iter_shard` uses it for
@@ -39,6 +41,7 @@ import io
 import json
 import os
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,25 +138,57 @@ class TarPairs(Dataset):
         limit: keep the first ``limit`` samples.
     """
 
+    INDEXED_SHARDS = 8
+    """Per-sample indexes of this many shards are kept (the most recently read); the others are scanned again."""
+
     def __init__(self, spec: str, language: str = "en", limit: int | None = None):
         self.source = spec
         self.shards = expand_shards(spec)
         self.languages = [language]
-        per_shard = [_index_shard(path, i) for i, path in enumerate(self.shards)]
-        self.shard_rows = [len(r) for r in per_shard]  # whole shards, before ``limit``: what a fingerprint stores
-        rows = [row for shard in per_shard for row in shard]
-        if not rows:
+        self._indexed: OrderedDict[int, np.ndarray] = OrderedDict()
+        counts = []
+        for i, path in enumerate(self.shards):
+            rows = np.asarray(_index_shard(path, i), dtype=np.int64).reshape(-1, 7)
+            counts.append(len(rows))
+            self._keep(i, rows)
+        self.shard_rows = counts  # whole shards, before ``limit``: what a fingerprint stores
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        total = int(self._starts[-1])
+        if not total:
             raise DataError(f"data spec {spec!r}: the tar shards hold no samples")
-        if limit is not None:
-            rows = rows[:limit]
-        self._index = np.asarray(rows, dtype=np.int64)
+        self._len = total if limit is None else min(limit, total)
         self._fds: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return len(self._index)
+        return self._len
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own files
         return {**self.__dict__, "_fds": {}}
+
+    def _keep(self, shard: int, rows: np.ndarray) -> np.ndarray:
+        self._indexed[shard] = rows
+        self._indexed.move_to_end(shard)
+        while len(self._indexed) > self.INDEXED_SHARDS:
+            self._indexed.popitem(last=False)
+        return rows
+
+    def _row(self, index: int) -> np.ndarray:
+        """The ``(shard, image offset, image size, text offset, text size, json offset, json size)`` of a sample:
+        from the index of its shard, which is scanned again (its tar headers) when it is not among the
+        :attr:`INDEXED_SHARDS` kept, so memory does not grow with the number of samples."""
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        rows = self._indexed.get(shard)
+        if rows is None:
+            rows = np.asarray(_index_shard(self.shards[shard], shard), dtype=np.int64).reshape(-1, 7)
+            if len(rows) != self.shard_rows[shard]:
+                raise DataError(
+                    f"{self.shards[shard]}: {len(rows)} samples now, {self.shard_rows[shard]} when the data was "
+                    f"opened; the shard changed while it was read"
+                )
+        else:
+            self._indexed.move_to_end(shard)
+        self._keep(shard, rows)
+        return rows[index - self._starts[shard]]
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         fd = self._fds.get(shard)
@@ -163,7 +198,7 @@ class TarPairs(Dataset):
 
     def raw(self, index: int) -> tuple[bytes, str, dict[str, Any]]:
         """The encoded image bytes, the caption and the metadata of a sample (nothing decoded)."""
-        shard, io_, is_, to, ts, jo, js = (int(v) for v in self._index[index])
+        shard, io_, is_, to, ts, jo, js = (int(v) for v in self._row(index))
         image = self._read(shard, io_, is_)
         caption = self._read(shard, to, ts).decode("utf-8").strip()
         meta = json.loads(self._read(shard, jo, js)) if jo >= 0 else {}
@@ -177,7 +212,7 @@ class TarPairs(Dataset):
                 img.load()
                 image = to_rgb(img)
         except Exception as err:
-            where = self.shards[self._index[index, 0]]
+            where = self.shards[int(self._row(index)[0])]
             raise DataError(f"{where} sample {index}: image cannot be decoded ({err})") from err
         label = meta.get("label", -1) if isinstance(meta.get("label", -1), int) else -1
         return {"index": index, "image": image, "captions": {self.languages[0]: caption}, "label": label}
@@ -197,10 +232,14 @@ class TarPairs(Dataset):
             out[j] = np.frombuffer(h.digest(), dtype=np.uint8)
         return out
 
-    def shard_fingerprint(self, known: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    def shard_fingerprint(
+        self, known: Sequence[dict[str, Any]] | None = None, subset: Sequence[int] | None = None
+    ) -> list[dict[str, Any]]:
         """Per shard: name, size, modification time (ns), SHA-256 of its bytes and sample count. A shard of ``known``
-        (a stored fingerprint) with the same name, size and time keeps its stored SHA-256 without being read."""
-        return shard_fingerprint(self.shards, known, self.shard_rows)
+        (a stored fingerprint) with the same name, size and time keeps its stored SHA-256 without being read. With
+        ``subset``, only those shards (a share of the work of one process of several)."""
+        chosen = range(len(self.shards)) if subset is None else subset
+        return shard_fingerprint([self.shards[i] for i in chosen], known, [self.shard_rows[i] for i in chosen])
 
     def __repr__(self) -> str:
         return f"TarPairs({len(self)} samples in {len(self.shards)} shards, source={self.source!r})"
@@ -210,7 +249,7 @@ def shard_fingerprint(
     shards: Sequence[Path], known: Sequence[dict[str, Any]] | None, rows: Sequence[int] | None
 ) -> list[dict[str, Any]]:
     """See :meth:`TarPairs.shard_fingerprint`; ``rows``: the sample count of each shard, when known."""
-    stored = {(k["name"], k["bytes"], k["mtime_ns"]): k["sha256"] for k in known or []}
+    stored = {(k["name"], k["bytes"], k["mtime_ns"]): k["sha256"] for k in known or [] if "sha256" in k}
     out = []
     for i, path in enumerate(shards):
         st = path.stat()
@@ -290,7 +329,8 @@ class TarStream(ShardStream):
     def adopt_counts(self, known: Sequence[dict[str, Any]] | None) -> int:
         """Take the sample counts of the shards that a stored fingerprint (a cache manifest's ``source_shards``)
         lists with the same name, size and modification time; returns how many were taken."""
-        stored = {(k["name"], k["bytes"], k["mtime_ns"]): k["rows"] for k in known or [] if "rows" in k}
+        known = [k for k in known or [] if "rows" in k and "name" in k]  # tar shards' entries (not an hf: stream's)
+        stored = {(k["name"], k["bytes"], k["mtime_ns"]): k["rows"] for k in known}
         taken = 0
         for i, path in enumerate(self.shards):
             st = path.stat()
@@ -307,24 +347,14 @@ class TarStream(ShardStream):
         self.adopt_counts(known)
         return shard_fingerprint(self.shards, known, self.shard_counts())
 
-    def row_digests(self, fields: Sequence[str], rows: Sequence[int] | None = None) -> np.ndarray:
-        """``[n, 16]`` row digests as :meth:`TarPairs.row_digests`, by one sequential read of every shard (what a
-        cache compares when the shards' fingerprint differs from the one it stores)."""
-        if rows is not None:
-            raise DataError(f"{self.source}: a stream gives the digests of all its rows, not of some")
+    def raw_digest(self, raw: dict[str, Any], fields: Sequence[str]) -> bytes:
+        """As :meth:`TarPairs.row_digests` hashes a row (the image's encoded bytes, then the caption per field)."""
+        data = next(raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw)
+        h = hashlib.blake2b(data, digest_size=16)
+        caption = raw["txt"].decode("utf-8").strip()
         for name in fields:
-            if name != self.languages[0]:
-                raise DataError(f"languages: the tar shards have captions in {self.languages}, not {name!r}")
-        out = []
-        for shard in range(self.n_shards):
-            for sample in self.shard_samples(shard):
-                data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
-                h = hashlib.blake2b(data, digest_size=16)
-                caption = sample["txt"].decode("utf-8").strip()
-                for name in fields:
-                    h.update(b"\0" + name.encode() + b"\0" + caption.encode())
-                out.append(h.digest())
-        return np.frombuffer(b"".join(out), dtype=np.uint8).reshape(len(out), 16).copy()
+            h.update(b"\0" + name.encode() + b"\0" + caption.encode())
+        return h.digest()
 
     def captions(self, languages: Sequence[str], limit: int) -> list[str]:
         """The first ``limit`` captions in the shards' order (a tokenizer's corpus), read without decoding images."""

@@ -20,6 +20,7 @@ from ..batching import TeacherSource, teacher_texts
 from ..config import ConfigError, DataConfig, EvalConfig, RecipeConfig, load_recipe, to_dict
 from ..data.sources import LabelledData, load_data, load_stream, load_task_data, streams
 from ..data.splits import apply_split
+from ..data.streaming import StreamRows
 from ..evaluation import agreement, evaluate, mean_cosine
 from ..export.card import write_student_card
 from ..files import disk_errors, follow_umask
@@ -297,6 +298,10 @@ def cache_recipe(
     if not cfg.teachers:
         raise ConfigError("teachers: the recipe has no teacher whose outputs could be cached")
     directory = recipe_cache_dir(cfg, directory)  # before loading anything: fail fast without a directory
+    if train_data is None and cfg.data.train.startswith("hf:") and streams(cfg.data.train, cfg.data.streaming):
+        # a streamed hf: dataset (larger than memory, or remote): read in order, as the rows its stream will find
+        rows = StreamRows(load_train_data(cfg.data, stream=True).dataset)
+        return build_recipe_cache(cfg, prepare_teachers(cfg, teachers), rows, directory, rebuild=rebuild)
     train_data = train_data or load_train_data(cfg.data)
     teachers = prepare_teachers(cfg, teachers)
     return build_recipe_cache(cfg, teachers, training_samples(train_data.dataset), directory, rebuild=rebuild)
