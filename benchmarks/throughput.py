@@ -12,10 +12,12 @@ Measures, on the same rows and batch size:
   S  student training step with no teacher (contrastive loss)
   O  distillation with the live teacher (the dcclip recipe's stage-1 losses: fd image, fd text, xling)
   C  the same distillation from the cache
-and the peak resident memory (``VmHWM`` from ``/proc/self/status``, see ``benchmarks/memory.py``; not ``ru_maxrss``,
-which a child inherits from its parent across exec) of two fresh processes running the same distillation for a few
-steps: one from a cache padded to at least ``--cache-gb`` GB (extra per-row bytes that training never reads), one with
-the live teacher and no cache. Prints a table and writes ``runs/bench/throughput.json``.
+(F and B are measured ``--repeats`` times, alternately, and their medians reported: two runs of F a minute apart on
+the 2-core machine differed by 30%), and the peak resident memory (``VmHWM`` from ``/proc/self/status``, see
+``benchmarks/memory.py``; not ``ru_maxrss``, which a child inherits from its parent across exec) of two fresh
+processes running the same distillation for a few steps: one from a cache padded to at least ``--cache-gb`` GB
+(extra per-row bytes that training never reads), one with the live teacher and no cache. Prints a table and writes
+``runs/bench/throughput.json``.
 
 Teacher: ``--teacher`` (hub id or directory); by default the quickstart's trained reference teacher if
 ``runs/teachers/`` has one, else the same architecture untrained (throughput does not depend on the weights).
@@ -31,6 +33,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -79,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache-gb", type=float, default=1.0, help="size of the padded cache for the memory measure (0: skip)"
     )
     p.add_argument("--rss-steps", type=int, default=10, help="training steps of each memory measure")
+    p.add_argument("--repeats", type=int, default=3, help="F and B are measured this many times, alternately (medians)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--work-dir", default="runs/bench", help="caches and the JSON go here")
     p.add_argument("--keep", action="store_true", help="keep the padded cache")
@@ -225,15 +229,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher_cfg = {"name_or_path": teacher_name, "languages": TEACHER_LANGS}
     r: dict[str, Any] = {}
 
-    r["F"] = teacher_forward_rate(teacher, data, args.batch_size)
-    print(f"F teacher forward:        {r['F']:10.1f} samples/s", flush=True)
     cache_dir = work / "cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    t0 = time.perf_counter()
-    build = build_cache(cache_dir, [teacher], data, [TEACHER_LANGS], identity, options, progress=False)
-    r["B"] = len(data) / (time.perf_counter() - t0)
-    r["B_build_loop"] = build["samples_per_second"]  # the loop alone, without hashing the data and the weights
-    print(f"B cache build:            {r['B']:10.1f} samples/s", flush=True)
+    runs: dict[str, list[float]] = {"F": [], "B": [], "B_build_loop": []}
+    for _ in range(args.repeats):  # F and B alternately: a drift of the machine's speed hits both
+        runs["F"].append(teacher_forward_rate(teacher, data, args.batch_size))
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        t0 = time.perf_counter()
+        build = build_cache(cache_dir, [teacher], data, [TEACHER_LANGS], identity, options, progress=False)
+        runs["B"].append(len(data) / (time.perf_counter() - t0))
+        runs["B_build_loop"].append(build["samples_per_second"])  # the loop alone, without hashing the data
+    for key, values in runs.items():
+        r[key] = statistics.median(values)
+    r["F_runs"], r["B_runs"] = [round(v, 1) for v in runs["F"]], [round(v, 1) for v in runs["B"]]
+    print(f"F teacher forward:        {r['F']:10.1f} samples/s (median of {r['F_runs']})", flush=True)
+    print(f"B cache build:            {r['B']:10.1f} samples/s (median of {r['B_runs']})", flush=True)
     r["S"] = train_rate(recipe(args, work / "S", STUDENT_LOSSES, None, steps), student, data, args.warmup)
     print(f"S student step:           {r['S']:10.1f} samples/s", flush=True)
     live_cfg = recipe(args, work / "O", distill_losses(), teacher_cfg, steps)

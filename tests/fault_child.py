@@ -8,6 +8,8 @@ Usage: ``python tests/fault_child.py SPEC -- VLDISTILL_ARGS...`` where ``SPEC`` 
   until the test kills it.
 - ``{"kill_while_pruning": true}``: SIGKILL while an old checkpoint folder is being deleted, after its
   ``state.json`` is gone and before the rest is.
+- ``{"record": {"target": "MODULE:QUALNAME", "file": PATH}}``: no fault; every call of the method appends a JSON
+  line ``{"rank": RANK, "arg": FIRST_ARGUMENT_AFTER_SELF}`` to ``PATH`` (what a process read, say).
 
 Not a test module (pytest collects ``test_*.py`` only).
 """
@@ -63,6 +65,23 @@ def _pause(marker: str):
     return action
 
 
+def _record(target: str, file: str) -> None:
+    module_name, qualname = target.split(":")
+    owner = importlib.import_module(module_name)
+    *path, name = qualname.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    real = getattr(owner, name)
+
+    @functools.wraps(real)
+    def wrapper(self, arg, *args, **kwargs):
+        with open(file, "a") as f:
+            f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "arg": list(arg)}) + "\n")
+        return real(self, arg, *args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
 def _kill_while_pruning() -> None:
     real = shutil.rmtree
 
@@ -84,6 +103,8 @@ def main() -> int:
     if "pause" in spec:
         pause = dict(spec["pause"])
         _patch(**{k: v for k, v in pause.items() if k != "marker"}, action=_pause(pause["marker"]))
+    if "record" in spec:
+        _record(**spec["record"])
     if spec.get("kill_while_pruning"):
         _kill_while_pruning()
     from vldistill.cli import main as cli

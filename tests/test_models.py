@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -284,6 +285,33 @@ def test_teacher_and_student_preprocess_with_their_own_processors(tmp_path, toke
     assert t_ids.tolist() == [teacher_tok(text[0])["input_ids"]]
     assert s_ids.tolist() == [tokenizer(text[0])["input_ids"]]
     assert t_ids.tolist() != s_ids.tolist()
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "chinese_clip"])
+def test_fast_pixel_values_are_bitwise_the_processors(kind):
+    """vldistill's batched preprocessing gives exactly what the transformers processor gives (resized, cropped,
+    rescaled, normalised), for images already at size, larger, odd-sized, grey and with alpha."""
+    import transformers
+
+    from vldistill.models import pixel_values
+
+    processor = {
+        "clip": lambda: transformers.CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size=48),
+        "siglip": lambda: transformers.SiglipImageProcessorPil(size={"height": 40, "width": 40}),
+        "chinese_clip": lambda: transformers.ChineseCLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32),
+    }[kind]()
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(48, 48), (61, 90), (130, 49)]
+    ]
+    images += [Image.new("L", (50, 70), 90), Image.new("RGBA", (48, 60), (10, 200, 30, 128))]
+    expected = processor(images=images, return_tensors="pt")["pixel_values"]
+    got = pixel_values(processor, images)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    same_size = [Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    assert torch.equal(
+        pixel_values(processor, same_size), processor(images=same_size, return_tensors="pt")["pixel_values"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -105,6 +105,10 @@ def tiny(tmp_path_factory):
 
 
 def stream_recipe(spec, out, teacher_dir, cache=None, steps=4, **data):
+    return load_recipe(raw=stream_raw(spec, out, teacher_dir, cache, steps, **data))
+
+
+def stream_raw(spec, out, teacher_dir, cache=None, steps=4, **data):
     teacher = {"name_or_path": str(teacher_dir), "languages": ["en"]}
     if cache:
         teacher.update(source="cache", cache=str(cache))
@@ -118,7 +122,7 @@ def stream_recipe(spec, out, teacher_dir, cache=None, steps=4, **data):
         "train": {"batch_size": 4, "lr": 2e-3, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2},
     }
     raw["train"].update(progress=False, tensorboard=False, output_dir=str(out))
-    return load_recipe(raw=raw)
+    return raw
 
 
 def losses(result_dir):
@@ -265,3 +269,34 @@ def test_a_cache_is_built_from_a_streaming_hf_dataset_and_trains_from_it(tiny, t
     with pytest.raises(CacheError):
         CachedTeachers(tmp_path / "cache", load_stream(f"hf:{changed}", languages=["en"]).dataset, ident, [["en"]],
                        CacheConfig(batch_size=4, shard_rows=8))  # fmt: skip
+
+
+def test_two_processes_train_from_a_stream_each_reading_its_own_shards(tiny, tmp_path):
+    """``torchrun`` with two CPU processes (gloo) training from tar shards streamed against a cache: each process reads
+    the shards its rank is dealt in an epoch, none of the other's, and together every shard."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    spec, teacher_dir, root = tiny
+    cache_recipe(stream_recipe(spec, tmp_path / "unused", teacher_dir, root / "cache-2p"))
+    raw = stream_raw(spec, tmp_path / "run", teacher_dir, root / "cache-2p", steps=3)  # 2 samples a process a step
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    record = tmp_path / "reads.jsonl"
+    fault = Path(__file__).resolve().parent / "fault_child.py"
+    spy = {"record": {"target": "vldistill.data.streaming:ShardStream._buffered", "file": str(record)}}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(fault)]
+    cmd += [json.dumps(spy), "--", "fit", str(recipe), "--train.progress", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "VLDISTILL_WORKERS": "0"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reads = [json.loads(line) for line in record.read_text().splitlines()]
+    first = {r["rank"]: r["arg"] for r in reversed(reads)}  # each process's first epoch
+    assert sorted(first) == [0, 1] and not set(first[0]) & set(first[1])
+    assert sorted(first[0] + first[1]) == [0, 1, 2, 3]  # 4 shards: two each
+    seed = load_recipe(raw=raw).train.seed
+    assert first[0] == TarStream(spec).share(seed, 0, 0, 0, 2, 0, 1) and len(losses(tmp_path / "run")) == 3

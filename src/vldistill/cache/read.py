@@ -68,8 +68,7 @@ class _Shard:
     Training reads a few rows per shard per batch. They are copied from the file with one ``pread`` per run of
     consecutive rows, so the process maps nothing and holds only the batch: resident memory does not grow with the
     cache, as it does with a memory map, whose every touched page (a whole large folio of the page cache on recent
-    kernels) stays resident until it is released. :attr:`arrays` maps the file for whole-column reads (row keys and
-    views at opening, tests).
+    kernels) stays resident until it is released. :attr:`arrays` maps the file for whole-column reads (tests, tools).
     """
 
     def __init__(self, path: Path, size: int):
@@ -217,7 +216,8 @@ class CachedTeachers:
             return _RowTable(n, self.manifest["shard_rows"])
         where: dict[bytes, tuple[int, int]] = {}
         for s, shard in enumerate(self._shards):
-            for offset, key in enumerate(shard.arrays["row_key"]):
+            keys = shard.read(self._fd(s), "row_key", np.arange(shard.columns["row_key"][2][0]), None)
+            for offset, key in enumerate(keys):
                 where.setdefault(key.tobytes(), (s, offset))
         found = [where.get(d.tobytes()) for d in digests]
         missing = sum(loc is None for loc in found)

@@ -344,24 +344,12 @@ class HfStream(ShardStream):
     def raw_digest(self, raw: dict[str, Any], fields: Sequence[str]) -> bytes:
         """The row digest :func:`vldistill.cache.sample_digest` gives the same row read map-style (``hf:`` with
         ``data.streaming: false``): the image's encoded bytes (or its file's), then the caption per field."""
-        import hashlib
+        from vldistill.cache.fingerprint import sample_digest  # the cache's own hash; imported when a cache asks
 
         record = {key: raw[col] for key, col in self.mapping.items()}
         name, data = _hf_image(record.get("image"), f"{self.source}", self.root, self.root_only)
-        h = hashlib.blake2b(digest_size=16)
-        if isinstance(data, bytes | bytearray):
-            h.update(data)
-        elif isinstance(data, Image.Image):
-            h.update(f"{data.mode}{data.size}".encode())
-            h.update(data.tobytes())
-        else:
-            with open(name, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-        for lang in fields:
-            text = record.get(f"caption_{lang}", record.get("caption"))
-            h.update(b"\0" + lang.encode() + b"\0" + str(text or "").strip().encode())
-        return h.digest()
+        captions = {lang: str(record.get(f"caption_{lang}", record.get("caption")) or "").strip() for lang in fields}
+        return sample_digest(Sample(name, captions, data=data), fields)
 
     def __len__(self) -> int:
         """The number of samples: from the shard counts when known, else the dataset's split information, else by
