@@ -590,17 +590,18 @@ def test_an_interrupted_addition_is_never_used_and_resumes(tokenizer, bilingual,
     cfg = _two_teacher_recipe(tmp_path, directory)
     real = cache_writer._add_columns
 
-    def killed_at_shard_1(directory, manifest, index, tensors):
+    def killed_at_shard_1(directory, manifest, index, tensors, record=False):
         if index == 1:
             raise KeyboardInterrupt
-        real(directory, manifest, index, tensors)
+        real(directory, manifest, index, tensors, record)
 
     monkeypatch.setattr(cache_writer, "_add_columns", killed_at_shard_1)
     with pytest.raises(KeyboardInterrupt):
         build_recipe_cache(cfg, [bilingual, narrow], ds, progress=False)
     monkeypatch.setattr(cache_writer, "_add_columns", real)
     manifest = read_manifest(directory)
-    assert manifest["extending"] == {"from_teacher": 1, "shards_done": 1} and not manifest["complete"]
+    assert manifest["extending"]["from_teacher"] == 1 and not manifest["complete"]
+    assert sorted(p.name for p in directory.glob("shard-*.json")) == ["shard-00000.json"]  # shard 0 rewritten
     with pytest.raises(CacheError, match=r"adding the teachers \['narrow'\] to it was interrupted"):
         open_recipe_cache(cfg, ds, [bilingual, narrow])
     with pytest.raises(CacheError, match=r"adding the teachers \['narrow'\] to this cache was interrupted; give"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,54 @@ def test_two_processes_build_a_cache_of_tar_shards_and_share_the_shard_hashing(t
     one, two = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
     assert two["source_shards"] == one["source_shards"]  # hashed by the two processes, a share each
     assert [s["rows"] for s in two["source_shards"]] == [6, 6, 6, 6]
+
+
+@pytest.fixture(scope="module")
+def second_teacher(tmp_path_factory) -> Path:
+    torch.manual_seed(9)
+    data = load_data("bundled:easyvqa", "train", ["en"], limit=64)
+    tok = train_wordpiece(tokenizer_corpus(data, ["en"]), vocab_size=250)
+    path = tmp_path_factory.mktemp("second") / "model"
+    build_student("test-clip", tok, projection_dim=16, **{"vision.hidden_size": 32}).save_pretrained(path)
+    return path
+
+
+def add_args(teacher: Path, second: Path, out: Path) -> list[str]:
+    return [*cache_args(teacher, out), "--teacher", str(second)]  # the cached teacher and a new one
+
+
+def test_two_processes_add_a_teacher_as_one_process_does(one_process, teacher_dir, second_teacher, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(one_process, one)
+    shutil.copytree(one_process, two)
+    torch.set_num_threads(1)
+    assert main(add_args(teacher_dir, second_teacher, one)) == 0
+    run = launch(add_args(teacher_dir, second_teacher, two))
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout[run.stdout.index("{") :])
+    assert summary["built_rows"] == ROWS and len(summary["teachers"]) == 2
+    assert_same_cache(one, two)
+    assert {k for k in load_file(two / "shard-00005.safetensors") if k.startswith("t1.")}  # the new columns
+
+
+def test_a_killed_two_process_addition_resumes_and_finishes_identical(
+    one_process, teacher_dir, second_teacher, tmp_path
+):
+    one, killed = tmp_path / "one", tmp_path / "killed"
+    shutil.copytree(one_process, one)
+    shutil.copytree(one_process, killed)
+    torch.set_num_threads(1)
+    assert main(add_args(teacher_dir, second_teacher, one)) == 0
+    kill = {"kill": {"target": "vldistill.cache.writer:_add_columns", "call": 2, "when": "after"}}
+    assert launch(add_args(teacher_dir, second_teacher, killed), fault=kill).returncode != 0
+    manifest = read_manifest(killed)
+    assert "extending" in manifest and not manifest["complete"]  # never used half-extended
+    finished = sorted(killed.glob("shard-*.json"))
+    assert 2 <= len(finished) < ROWS // SHARD
+    kept = {p.stem: (killed / f"{p.stem}.safetensors").stat().st_mtime_ns for p in finished}
+    run = launch(add_args(teacher_dir, second_teacher, killed))
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout[run.stdout.index("{") :])
+    assert summary["built_rows"] == ROWS - SHARD * len(finished)  # only the shards no process recorded
+    assert all((killed / f"{stem}.safetensors").stat().st_mtime_ns == t for stem, t in kept.items())
+    assert_same_cache(one, killed)

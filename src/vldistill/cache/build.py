@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,17 +22,19 @@ from .. import __version__
 from ..config import CacheConfig
 from ..models import Teacher
 from .distributed import (
+    addition_done,
     all_gather,
     broadcast,
     build_together,
     clear_records,
+    extend_together,
     local_device,
     plan_build,
     records,
     share,
     world,
 )
-from .extend import add_teachers
+from .extend import Addition, add_teachers
 from .fingerprint import dataset_digests, fingerprint
 from .identity import (
     FORMAT,
@@ -126,13 +130,26 @@ def build_cache(
         source_shards = [e for part in all_gather(dataset.shard_fingerprint(subset=mine)) for e in part]
 
     def prepare() -> dict[str, Any]:  # process 0 alone
-        plan = _prepare(*args, digests, digest_fields, header, views, source_shards)
+        plan = _prepare(*args, digests, digest_fields, header, views, source_shards, together=size > 1)
+        if "extend" in plan:  # teachers to add: started, shared out below (its records are its progress)
+            return plan
         if "build" not in plan:
             clear_records(directory)
             return plan
         return plan_build(directory, plan["build"], len(digests))
 
-    return build_together(directory, prepare, teachers, dataset, fields, digests, views, options, progress)
+    result = build_together(directory, prepare, teachers, dataset, fields, digests, views, options, progress)
+    if not result.get("extend"):
+        return result
+    addition = add_teachers(directory, read_manifest(directory), header, teachers, dataset, digests, options)
+    if not isinstance(addition, Addition):
+        raise CacheError(f"{directory}: process {rank} does not find the addition process 0 started; run again")
+    done = extend_together(directory, addition, progress)
+    held = read_manifest(directory)["teachers"]
+    if all(find_teacher(held, e, e["fields"]) is not None for e in header["teachers"]):
+        return done
+    # that finished an interrupted addition; now add the rest
+    return build_cache(directory, teachers, dataset, fields, identities, options, False, progress, pad_bytes, replace)
 
 
 def _prepare(
@@ -151,6 +168,7 @@ def _prepare(
     header,
     views,
     source_shards=None,
+    together: bool = False,
 ) -> dict[str, Any]:
     """Read and check the directory's cache: a summary when nothing is left to build (reused, repaired or extended
     here, on this process alone), else ``{"build": manifest}`` with the complete shards listed. ``source_shards``:
@@ -179,6 +197,9 @@ def _prepare(
             built = sum(manifest["shards"][i]["rows"] for i, _ in repaired)
             done = summary(directory, manifest, built, time.perf_counter() - start)
             return {**done, "repaired": [why for _, why in repaired]} if repaired else done
+        if added is not None and together:  # the processes share the addition (build_cache, extend_together)
+            added.start()
+            return {"extend": True}
         if added is not None:  # add the teachers it lacks
             done = added(progress)
             held = read_manifest(directory)["teachers"]
@@ -279,10 +300,33 @@ def _valid_prefix(directory: Path, shards: list[dict[str, Any]]) -> list[dict[st
     return shards[: min(damaged, default=len(shards))]
 
 
+def _rewritten(path: Path, column: int) -> bool:
+    """Whether a shard already holds the columns ``t{column}.*`` of the addition under way (rewritten before a kill
+    that came before its record): its bytes differ from the manifest's, and the addition rewrites it again."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return False
+    return any(name.startswith(f"t{column}.") for name in header)
+
+
 def _repair(directory, manifest, header, teachers, dataset, digests, digest_fields, options, progress):
     """Recompute the damaged shards of a complete cache of the same data and settings; returns ``(index, why)``
     per recomputed shard. Every teacher the cache holds runs again on those rows, so every one must be given."""
-    damaged = damaged_shards(directory, manifest["shards"])
+    shards = manifest["shards"]
+    if "extending" in manifest:  # shards this addition rewrote are checked against their records (or redone)
+        done = addition_done(directory, manifest)
+        first = manifest["extending"]["from_teacher"]
+        shards = [done.get(i, s) for i, s in enumerate(shards)]
+        damaged = [
+            (i, why)
+            for i, why in damaged_shards(directory, shards)
+            if i in done or not _rewritten(directory / shards[i]["file"], first)
+        ]
+    else:
+        damaged = damaged_shards(directory, shards)
     if not damaged:
         return []
     what = "; ".join(why for _, why in damaged)

@@ -15,8 +15,11 @@ ones. The columns are byte-identical to a one-process build: each shard covers t
 whichever process computes it (given the same threads per process: a matrix product may round differently with
 another thread count).
 
-Not distributed: adding a teacher to a complete cache and recomputing damaged shards of a complete cache run on
-process 0 while the others wait (they are rare and touch every shard's file anyway).
+Adding teachers to a complete cache is shared the same way (:func:`extend_together`): process 0 marks the cache as
+being extended, every process rewrites its round-robin share of the shards with the new teachers' columns and records
+each (naming the addition), and process 0 lists the new checksums and marks the cache complete once every shard is
+recorded; a killed addition redoes only the shards no record covers, on any number of processes. Not distributed:
+recomputing damaged shards of a complete cache runs on process 0 while the others wait (it is rare).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 
 from ..dist import process_shard
 from ..files import write_text
-from .identity import MANIFEST, CacheError, write_json
+from .identity import MANIFEST, CacheError, read_manifest, write_json
 from .writer import damaged_shards, run_build, summary
 
 RECORD = "shard-{:05d}.json"
@@ -110,6 +113,63 @@ def done_shards(directory: Path, manifest: dict[str, Any], n_shards: int) -> dic
         if j not in bad:
             done[i] = {k: v for k, v in entry.items() if k != "fingerprint"}
     return done
+
+
+def addition_done(directory: Path, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The shards an interrupted addition of teachers (``manifest["extending"]``) has already rewritten: those before
+    its ``shards_done`` (additions by earlier versions, shard by shard in the manifest) and those recorded for this
+    addition (same data, same first new column) whose file has the recorded size and SHA-256."""
+    extending = manifest["extending"]
+    done = {i: manifest["shards"][i] for i in range(extending.get("shards_done", 0))}
+    fp = manifest["dataset"]["fingerprint"]
+    candidates = [
+        (i, e)
+        for i, e in records(directory).items()
+        if i not in done
+        and i < len(manifest["shards"])
+        and e.get("fingerprint") == fp
+        and e.get("adding") == extending["from_teacher"]
+        and e.get("file") == manifest["shards"][i]["file"]
+    ]
+    bad = {i for i, _ in damaged_shards(directory, [e for _, e in candidates])}
+    for j, (i, entry) in enumerate(candidates):
+        if j not in bad:
+            done[i] = {k: v for k, v in entry.items() if k not in ("fingerprint", "adding")}
+    return done
+
+
+def finish_addition(directory: Path, manifest: dict[str, Any]) -> None:
+    """Once every shard of an addition is rewritten: list their new sizes, SHA-256s and times, mark the cache
+    complete, write the manifest once, atomically, and delete the records."""
+    done = addition_done(directory, manifest)
+    missing = [i for i in range(len(manifest["shards"])) if i not in done]
+    if missing:
+        raise CacheError(f"{directory}: shards {missing[:5]} were not rewritten by any process; run again to finish")
+    manifest["shards"] = [done[i] for i in range(len(manifest["shards"]))]
+    manifest.pop("extending", None)
+    manifest["complete"] = True
+    write_json(directory / MANIFEST, manifest)
+    clear_records(directory)
+
+
+def extend_together(directory: Path, addition, progress: bool) -> dict[str, Any]:
+    """Share an :class:`~.extend.Addition` among the processes (process 0 has started it): the shards still to
+    rewrite are dealt out round-robin, and process 0 finishes the manifest once every one is recorded."""
+    rank, size = world()
+    todo = broadcast(addition.todo() if rank == 0 else None)
+    built = addition.run(todo[rank::size], progress)
+    barrier()
+    error = None
+    if rank == 0:
+        try:
+            finish_addition(directory, addition.manifest)
+        except CacheError as err:
+            error = str(err)
+    error = broadcast(error)
+    if error is not None:
+        raise CacheError(error)
+    rows, seconds = sum(all_gather(built["built_rows"])), max(all_gather(built["seconds"]))
+    return summary(directory, read_manifest(directory), rows, seconds)
 
 
 def build_together(

@@ -145,7 +145,7 @@ def run_build(
                 if pending is not None:
                     pending.result()  # at most one shard waits in memory; a failed write stops the build
                 if adding:  # new columns into the existing shard (its views and padding are already there)
-                    pending = writer.submit(_add_columns, directory, manifest, shard_index, tensors)
+                    pending = writer.submit(_add_columns, directory, manifest, shard_index, tensors, record)
                 else:
                     if views is not None:
                         tensors["views"] = torch.from_numpy(views[start:end].copy())
@@ -230,14 +230,26 @@ def _write_shard(
     write_json(directory / MANIFEST, manifest)  # the shard is listed only once it is whole
 
 
-def _add_columns(directory: Path, manifest: dict[str, Any], index: int, tensors: dict[str, Tensor]) -> None:
-    """Rewrite shard ``index`` with ``tensors`` (new teachers' columns) added; listed as done once it is whole."""
+def _add_columns(
+    directory: Path, manifest: dict[str, Any], index: int, tensors: dict[str, Tensor], record: bool = False
+) -> None:
+    """Rewrite shard ``index`` with ``tensors`` (new teachers' columns) added; listed as done once it is whole: in
+    the manifest, or (``record``: an addition shared by processes, or resumable shard by shard) in a record beside
+    the shard that names the addition (its first new column), which :mod:`.distributed` collects at the end."""
     shard = manifest["shards"][index]
     path = directory / shard["file"]
-    columns = {**load_file(str(path)), **tensors}
+    columns = {**load_file(str(path)), **tensors}  # a shard rewritten before a kill: its new columns replaced
     tmp = directory / f".{shard['file']}.tmp"
-    shard["sha256"] = save_safetensors(columns, path, metadata={"format": FORMAT}, tmp=tmp)
-    shard["bytes"], shard["mtime_ns"] = path.stat().st_size, path.stat().st_mtime_ns
+    digest = save_safetensors(columns, path, metadata={"format": FORMAT}, tmp=tmp)
+    st = path.stat()
+    if record:
+        from .distributed import write_record
+
+        entry = {"file": shard["file"], "start": shard["start"], "rows": shard["rows"], "bytes": st.st_size}
+        entry.update(sha256=digest, mtime_ns=st.st_mtime_ns, adding=manifest["extending"]["from_teacher"])
+        write_record(directory, index, entry, manifest["dataset"]["fingerprint"])
+        return
+    shard["sha256"], shard["bytes"], shard["mtime_ns"] = digest, st.st_size, st.st_mtime_ns
     manifest["extending"]["shards_done"] = index + 1
     write_json(directory / MANIFEST, manifest)
 
