@@ -188,3 +188,13 @@ def test_a_killed_two_process_addition_resumes_and_finishes_identical(
     assert summary["built_rows"] == ROWS - SHARD * len(finished)  # only the shards no process recorded
     assert all((killed / f"{stem}.safetensors").stat().st_mtime_ns == t for stem, t in kept.items())
     assert_same_cache(one, killed)
+
+
+def test_accelerate_launch_builds_the_same_cache(one_process, teacher_dir, tmp_path):
+    out = tmp_path / "accelerate"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vldistill.cli", *cache_args(teacher_dir, out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_cache(one_process, out)
