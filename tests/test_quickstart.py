@@ -168,3 +168,32 @@ def test_single_process_commands_refuse_to_run_on_several(command, tmp_path, mon
     err = capsys.readouterr().err
     assert f"vldistill {command[0]} runs on one process, but this is one of 4 (WORLD_SIZE)" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_report_reuses_the_evaluations_predictions_and_the_teachers_embeddings(tmp_path, monkeypatch):
+    """``evaluate_models`` embeds the teacher's images once for every model and hands its English predictions to the
+    report, which then evaluates nothing again; both give what computing them anew gives."""
+    from vldistill.students import build_student
+    from vldistill.tokenization import train_wordpiece
+    from vldistill.train import report
+    from vldistill.train.fit import adapted_cosine
+
+    train = load_data("bundled:easyvqa", "train", ["en", "zh"], limit=48)
+    test = load_data("bundled:easyvqa", "test", ["en", "zh"], limit=24)
+    tok = train_wordpiece([c for i in range(48) for c in train.dataset[i]["captions"].values()], vocab_size=200)
+    torch.manual_seed(0)
+    teacher, student = build_student("test-clip", tok), build_student("test-clip", tok)
+    kept: dict = {}
+    results = qs.evaluate_models(teacher, {"student": student}, train, test, 16, kept)
+    fit = [train.dataset[i]["image"] for i in range(48)]
+    alone = adapted_cosine(student, teacher, fit, test.eval_set(["en", "zh"]).images)  # the teacher embedded here
+    assert results["student"]["image_cosine_with_teacher"] == pytest.approx(alone, abs=1e-5)
+    again = report.zeroshot_predictions({"teacher": teacher, "student": student}, test.eval_set(["en"]), "en", 16)
+    assert kept == again
+    monkeypatch.setattr(report, "zeroshot_predictions", lambda *a: pytest.fail("evaluated again"))
+    results["setup"], results["wall_seconds"] = {"machine": "m", "teacher": "t", "paired_samples": 4}, 1.0
+    results["baseline"] = results["student"]
+    results["targets"] = qs.target_check(results)
+    results["summary"] = qs.summary_sentence(results)
+    out = report.write_report(tmp_path, results, {"student": []}, {"teacher": teacher, "student": student}, test, kept)
+    assert (tmp_path / "report-classes.png").is_file() and out["md"].is_file()

@@ -527,12 +527,22 @@ def image_ms_per_image(model: DualEncoder, images: Sequence, batch_size: int = 6
 
 
 @torch.no_grad()
-def adapted_cosine(student: DualEncoder, teacher: DualEncoder, fit_images: Sequence, test_images: Sequence) -> float:
+def adapted_cosine(
+    student: DualEncoder,
+    teacher: DualEncoder,
+    fit_images: Sequence,
+    test_images: Sequence,
+    teacher_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> float:
     """Mean cosine between teacher image embeddings and the student's mapped into the teacher's space by the
-    least-squares linear adapter fitted on ``fit_images`` (the widths usually differ)."""
-    xs, xt = student.embed_images(list(fit_images)), teacher.embed_images(list(fit_images))
-    adapter = torch.linalg.lstsq(xs, xt).solution
-    return mean_cosine(student.embed_images(list(test_images)) @ adapter, teacher.embed_images(list(test_images)))
+    least-squares linear adapter fitted on ``fit_images`` (the widths usually differ). ``teacher_embeddings``: the
+    teacher's ``embed_images`` of ``fit_images`` and of ``test_images``, when the caller compares several students
+    with one teacher (computed here otherwise)."""
+    if teacher_embeddings is None:
+        teacher_embeddings = teacher.embed_images(list(fit_images)), teacher.embed_images(list(test_images))
+    xt, yt = teacher_embeddings
+    adapter = torch.linalg.lstsq(student.embed_images(list(fit_images)), xt).solution
+    return mean_cosine(student.embed_images(list(test_images)) @ adapter, yt)
 
 
 __all__ = [

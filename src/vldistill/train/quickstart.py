@@ -128,7 +128,8 @@ def run_quickstart(
     # 5. evaluation
     _say("5/5 evaluate teacher, student and baseline on the test split")
     models = {"student": student, "baseline": baseline, "all_pairs": all_pairs}
-    results = evaluate_models(t_model, models, train, test, batch_size=s_cfg.eval.batch_size)
+    predictions: dict[str, list[int]] = {}
+    results = evaluate_models(t_model, models, train, test, s_cfg.eval.batch_size, predictions)
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     results["setup"] = {
         "fast": fast,
@@ -157,7 +158,7 @@ def run_quickstart(
         "all pairs, no teacher": _rows(everything),
     }
     models = {"teacher": t_model, "student": student, "baseline": baseline}
-    write_report(out, results, histories, models, test)  # report.md, report.html and the pictures
+    write_report(out, results, histories, models, test, predictions)  # report.md, report.html and the pictures
     print(format_table(results), flush=True)
     print(results["summary"], flush=True)
     _say(f"wrote {out / 'results.json'}, {out / 'student'}/ and {out / 'report.md'} in {results['wall_seconds']} s")
@@ -225,19 +226,26 @@ def evaluate_models(
     train: LabelledData,
     test: LabelledData,
     batch_size: int = EVAL_BATCH_SIZE,
+    keep_predictions: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """The teacher (English) and each model (English and Chinese) on the same test images; ``batch_size`` images or
-    texts per encoder call."""
+    texts per encoder call. ``keep_predictions``: filled with each model's English zero-shot predictions (for the
+    report's pictures, which then need not evaluate again)."""
     eval_set = test.eval_set(["en", "zh"])
     t_out = evaluate(teacher, eval_set, ["en"], batch_size=batch_size)
     results: dict[str, Any] = {"teacher": _model_entry(teacher, t_out, test)}
+    predictions = {"teacher": t_out["predictions"]["en"].tolist()}
     fit_images = [train.dataset[i]["image"] for i in range(min(512, len(train.dataset)))]
+    embedded = teacher.embed_images(fit_images), t_out["image_embeds"]  # the teacher's, once for every model
     for name, model in models.items():
         out = evaluate(model, eval_set, ["en", "zh"], batch_size=batch_size)
         entry = _model_entry(model, out, test)
         entry["agreement_with_teacher"] = {"en": agreement(out["predictions"]["en"], t_out["predictions"]["en"])}
-        entry["image_cosine_with_teacher"] = adapted_cosine(model, teacher, fit_images, eval_set.images)
+        entry["image_cosine_with_teacher"] = adapted_cosine(model, teacher, fit_images, eval_set.images, embedded)
         results[name] = entry
+        predictions[name] = out["predictions"]["en"].tolist()
+    if keep_predictions is not None:
+        keep_predictions.update(predictions)
     return results
 
 

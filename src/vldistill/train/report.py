@@ -255,6 +255,7 @@ def _pictures(
     test: Any,
     batch_size: int,
     losses_png: str = "report-losses.png",
+    predictions: dict[str, list[int]] | None = None,
 ) -> list[tuple[str, Path | None]]:
     pictures = [("Loss terms", plot_losses(histories, out / losses_png))]
     if accuracy:
@@ -262,7 +263,10 @@ def _pictures(
     if models and test is not None:
         lang = "en" if "en" in test.classnames else next(iter(test.classnames), "en")  # the teacher reads English
         eval_set = test.eval_set([lang])
-        preds = zeroshot_predictions(models, eval_set, lang, batch_size) if lang in eval_set.classnames else {}
+        preds = {}
+        if lang in eval_set.classnames:  # the caller's predictions (English) when it has them, else computed here
+            have = predictions if lang == "en" and predictions and set(models) <= set(predictions) else None
+            preds = {n: have[n] for n in models} if have else zeroshot_predictions(models, eval_set, lang, batch_size)
         if preds:
             labels, names = eval_set.labels.tolist(), eval_set.classnames[lang]
             pictures.append(("Per-class accuracy", plot_per_class(preds, labels, names, out / "report-classes.png")))
@@ -278,16 +282,18 @@ def write_report(
     histories: dict[str, list[dict[str, Any]]],
     models: dict[str, Any] | None = None,
     test: Any = None,
+    predictions: dict[str, list[int]] | None = None,
 ) -> dict[str, Path]:
     """The quickstart's report: its table, the loss terms of every run, the models' accuracies per language, and
-    (with ``models`` and the ``test`` data) per-class accuracy and example predictions."""
+    (with ``models`` and the ``test`` data) per-class accuracy and example predictions (``predictions``: each
+    model's English zero-shot predictions on ``test`` when the caller has them; computed otherwise)."""
     from .quickstart import format_table
 
     names = [n for n in ("teacher", "student", "baseline", "all_pairs") if n in results]
     accuracy = {n: {lang: m["top1"] for lang, m in results[n]["zeroshot"].items()} for n in names}
     batch = results.get("setup", {}).get("batch_size", 64)
     # the loss terms keep the name report.png: the quickstart's README and earlier reports link to it
-    pictures = _pictures(out, histories, accuracy, models, test, batch, losses_png="report.png")
+    pictures = _pictures(out, histories, accuracy, models, test, batch, "report.png", predictions)
     intro = [
         f"Machine: {results['setup']['machine']}. Wall time: {results['wall_seconds']} s. "
         f"Teacher: {results['setup']['teacher']}."
