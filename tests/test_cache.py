@@ -590,10 +590,10 @@ def test_an_interrupted_addition_is_never_used_and_resumes(tokenizer, bilingual,
     cfg = _two_teacher_recipe(tmp_path, directory)
     real = cache_writer._add_columns
 
-    def killed_at_shard_1(directory, manifest, index, tensors, record=False):
+    def killed_at_shard_1(directory, manifest, index, tensors):
         if index == 1:
             raise KeyboardInterrupt
-        real(directory, manifest, index, tensors, record)
+        real(directory, manifest, index, tensors)
 
     monkeypatch.setattr(cache_writer, "_add_columns", killed_at_shard_1)
     with pytest.raises(KeyboardInterrupt):

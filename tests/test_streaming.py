@@ -247,6 +247,10 @@ def test_a_cache_is_built_from_a_streaming_hf_dataset_and_trains_from_it(tiny, t
 
     rows = StreamRows(load_stream(spec, languages=["en"]).dataset)
     assert len(rows) == 24 and rows[13]["index"] == 13 and rows[13]["captions"] == {"en": caption(2, 1)}
+    whole = rows.row_digests(["en"])
+    assert (rows.row_digests(["en"], range(5, 17)) == whole[5:17]).all()  # one process's share: only its shards
+    with pytest.raises(DataError, match="contiguous range of rows"):
+        rows.row_digests(["en"], [1, 3])
     assert rows[2]["captions"] == {"en": caption(0, 2)}  # back to an earlier shard: reopened and skipped
 
     stream = load_stream(spec, languages=["en"], shuffle_buffer=3).dataset

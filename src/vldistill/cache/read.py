@@ -311,6 +311,9 @@ class CachedTeachers:
             self._fds.move_to_end(shard)
         return fd
 
+    def __getstate__(self) -> dict[str, Any]:  # a copy (or a pickled one) opens its own files
+        return {**self.__dict__, "_fds": OrderedDict()}
+
     def close(self) -> None:
         """Close the shard files (reading again reopens them)."""
         while self._fds:

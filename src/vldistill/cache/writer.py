@@ -102,7 +102,8 @@ def run_build(
 ) -> dict[str, Any]:
     """Compute ``teachers`` over the shards not yet written and write them. With ``column`` (adding teachers to a
     complete cache, ``manifest["extending"]``) their outputs go to columns ``t{column}``, ``t{column + 1}``, ...
-    of the existing shards instead. With ``shards``, those shards (damaged ones) are computed again and replaced.
+    of the existing shards instead, each rewritten shard recorded beside it (:class:`.extend.Addition` passes
+    ``shards`` and ``record``). With ``shards``, those shards (damaged ones) are computed again and replaced.
     With ``record`` (one process of several, :mod:`.distributed`), each shard written is recorded beside it in
     ``shard-NNNNN.json`` and the manifest is left alone: process 0 writes it once every shard is whole."""
     n, per_shard, bs = len(digests), manifest["shard_rows"], options.batch_size
@@ -145,7 +146,7 @@ def run_build(
                 if pending is not None:
                     pending.result()  # at most one shard waits in memory; a failed write stops the build
                 if adding:  # new columns into the existing shard (its views and padding are already there)
-                    pending = writer.submit(_add_columns, directory, manifest, shard_index, tensors, record)
+                    pending = writer.submit(_add_columns, directory, manifest, shard_index, tensors)
                 else:
                     if views is not None:
                         tensors["views"] = torch.from_numpy(views[start:end].copy())
@@ -230,28 +231,21 @@ def _write_shard(
     write_json(directory / MANIFEST, manifest)  # the shard is listed only once it is whole
 
 
-def _add_columns(
-    directory: Path, manifest: dict[str, Any], index: int, tensors: dict[str, Tensor], record: bool = False
-) -> None:
-    """Rewrite shard ``index`` with ``tensors`` (new teachers' columns) added; listed as done once it is whole: in
-    the manifest, or (``record``: an addition shared by processes, or resumable shard by shard) in a record beside
-    the shard that names the addition (its first new column), which :mod:`.distributed` collects at the end."""
+def _add_columns(directory: Path, manifest: dict[str, Any], index: int, tensors: dict[str, Tensor]) -> None:
+    """Rewrite shard ``index`` with ``tensors`` (new teachers' columns) added, and record it beside the shard, naming
+    the addition (its first new column), once it is whole; :func:`.distributed.finish_addition` lists the records in
+    the manifest when every shard has one (:class:`.extend.Addition`)."""
+    from .distributed import write_record
+
     shard = manifest["shards"][index]
     path = directory / shard["file"]
     columns = {**load_file(str(path)), **tensors}  # a shard rewritten before a kill: its new columns replaced
     tmp = directory / f".{shard['file']}.tmp"
     digest = save_safetensors(columns, path, metadata={"format": FORMAT}, tmp=tmp)
     st = path.stat()
-    if record:
-        from .distributed import write_record
-
-        entry = {"file": shard["file"], "start": shard["start"], "rows": shard["rows"], "bytes": st.st_size}
-        entry.update(sha256=digest, mtime_ns=st.st_mtime_ns, adding=manifest["extending"]["from_teacher"])
-        write_record(directory, index, entry, manifest["dataset"]["fingerprint"])
-        return
-    shard["sha256"], shard["bytes"], shard["mtime_ns"] = digest, st.st_size, st.st_mtime_ns
-    manifest["extending"]["shards_done"] = index + 1
-    write_json(directory / MANIFEST, manifest)
+    entry = {"file": shard["file"], "start": shard["start"], "rows": shard["rows"], "bytes": st.st_size}
+    entry.update(sha256=digest, mtime_ns=st.st_mtime_ns, adding=manifest["extending"]["from_teacher"])
+    write_record(directory, index, entry, manifest["dataset"]["fingerprint"])
 
 
 def damaged_shards(directory: Path, shards: Sequence[dict[str, Any]], quick: bool = False) -> list[tuple[int, str]]:
