@@ -8,8 +8,9 @@ Usage: ``python tests/fault_child.py SPEC -- VLDISTILL_ARGS...`` where ``SPEC`` 
   until the test kills it.
 - ``{"kill_while_pruning": true}``: SIGKILL while an old checkpoint folder is being deleted, after its
   ``state.json`` is gone and before the rest is.
-- ``{"record": {"target": "MODULE:QUALNAME", "file": PATH}}``: no fault; every call of the method appends a JSON
-  line ``{"rank": RANK, "arg": FIRST_ARGUMENT_AFTER_SELF}`` to ``PATH`` (what a process read, say).
+- ``{"record": {"target": "MODULE:QUALNAME", "file": PATH, "arg": N}}``: no fault; every call appends a JSON line
+  ``{"rank": RANK, "arg": ...}`` to ``PATH`` with the call's positional argument ``N`` (default 1: the first after
+  ``self``) as a list (what a process read, say; paths as strings).
 
 Not a test module (pytest collects ``test_*.py`` only).
 """
@@ -65,7 +66,7 @@ def _pause(marker: str):
     return action
 
 
-def _record(target: str, file: str) -> None:
+def _record(target: str, file: str, arg: int = 1) -> None:
     module_name, qualname = target.split(":")
     owner = importlib.import_module(module_name)
     *path, name = qualname.split(".")
@@ -74,10 +75,11 @@ def _record(target: str, file: str) -> None:
     real = getattr(owner, name)
 
     @functools.wraps(real)
-    def wrapper(self, arg, *args, **kwargs):
+    def wrapper(*args, **kwargs):
         with open(file, "a") as f:
-            f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "arg": list(arg)}) + "\n")
-        return real(self, arg, *args, **kwargs)
+            line = {"rank": int(os.environ.get("RANK", "0")), "arg": list(args[arg])}
+            f.write(json.dumps(line, default=str) + "\n")
+        return real(*args, **kwargs)
 
     setattr(owner, name, wrapper)
 

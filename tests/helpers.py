@@ -57,3 +57,21 @@ def assert_same_rows(rows: list[dict[str, Any]], expected: list[dict[str, Any]],
                 assert row[key] == value
             else:
                 assert row[key] == pytest.approx(value, rel=rel, abs=1e-6), f"{key} at {exp['stage']} {exp['step']}"
+
+
+def save_tiny_teacher(path: Path, seed: int, limit: int, vocab_size: int = 300, **overrides: Any) -> Path:
+    """A ``test-clip`` saved as a Hugging Face directory: its WordPiece trained on the first ``limit`` bundled English
+    captions; ``overrides`` as for ``build_student`` (default: 24-d embeddings, a 48-wide vision tower)."""
+    from vldistill.data.sources import load_data
+    from vldistill.students import build_student
+    from vldistill.tokenization import train_wordpiece
+    from vldistill.train.fit import tokenizer_corpus
+
+    torch.manual_seed(seed)
+    tok = train_wordpiece(
+        tokenizer_corpus(load_data("bundled:easyvqa", "train", ["en"], limit=limit), ["en"]), vocab_size
+    )
+    build_student("test-clip", tok, **{"projection_dim": 24, "vision.hidden_size": 48, **overrides}).save_pretrained(
+        path
+    )
+    return path

@@ -245,13 +245,13 @@ def test_a_cache_of_task_samples_gives_what_the_live_teacher_gives(kind, teacher
     assert manifest["dataset"]["fields"] == sorted(fields) and manifest["teachers"][0]["fields"] == fields
     shard = cache_read._Shard(directory / "shard-00000.safetensors", manifest["shards"][0]["bytes"])
     d = teacher.dims.embed
-    assert shard.arrays["t0.text.question"].shape == (N_TASK, d)  # one shard of 12 rows
+    assert shard.columns["t0.text.question"][2] == (N_TASK, d)  # one shard of 12 rows
     if kind == "vqa":
-        assert shard.arrays["t0.text.qa"].shape == (N_TASK, d) and "t0.text_tokens.qa" in shard.arrays
+        assert shard.columns["t0.text.qa"][2] == (N_TASK, d) and "t0.text_tokens.qa" in shard.columns
     else:
-        assert shard.arrays["t0.text.candidates"].shape == (N_TASK, 4, d)
-        assert shard.arrays["t0.text.rationales"].shape == (N_TASK, 3, d)
-        assert "t0.text_tokens.candidates" not in shard.arrays and "t0.text_tokens.question" in shard.arrays
+        assert shard.columns["t0.text.candidates"][2] == (N_TASK, 4, d)
+        assert shard.columns["t0.text.rationales"][2] == (N_TASK, 3, d)
+        assert "t0.text_tokens.candidates" not in shard.columns and "t0.text_tokens.question" in shard.columns
 
     source = open_recipe_cache(cfg, ds, [teacher])
     batch = Collator(teacher, [teacher], [], [fields])([ds[i] for i in (5, 0, 11, 3)])
@@ -478,8 +478,8 @@ def test_several_teachers_share_one_cache(tokenizer, teacher, data, tmp_path):
     shard = cache_read._Shard(
         tmp_path / "c" / "shard-00000.safetensors", read_manifest(tmp_path / "c")["shards"][0]["bytes"]
     )
-    assert {"t0.image", "t0.text.en", "t1.image", "t1.text.en", "t1.text.zh"} <= set(shard.arrays)
-    assert "t0.text.zh" not in shard.arrays  # an English-only teacher never sees Chinese
+    assert {"t0.image", "t0.text.en", "t1.image", "t1.text.en", "t1.text.zh"} <= set(shard.columns)
+    assert "t0.text.zh" not in shard.columns  # an English-only teacher never sees Chinese
     source = open_recipe_cache(cfg, ds, teachers)
     batch = Collator(teacher, teachers, LANGS, [["en"], ["en", "zh"]])([ds[i] for i in range(8)])
     outs = source(batch, frozenset({"teacher"}))

@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from helpers import assert_same_rows, read_metrics
+from helpers import assert_same_rows, read_metrics, save_tiny_teacher
 from vldistill.batching import caption_group_ids as _groups
 from vldistill.cli import main
 from vldistill.config import ConfigError, load_recipe
@@ -35,12 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
     """A tiny English CLIP teacher saved as a Hugging Face directory."""
-    torch.manual_seed(5)
-    data = load_data("bundled:easyvqa", "train", ["en"], limit=256)
-    tok = train_wordpiece(tokenizer_corpus(data, ["en"]), vocab_size=300)
-    path = tmp_path_factory.mktemp("teacher") / "model"
-    build_student("test-clip", tok, projection_dim=24, **{"vision.hidden_size": 48}).save_pretrained(path)
-    return path
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "model", seed=5, limit=256)
 
 
 def fit_args(recipe: str, teacher: Path, out: Path, *extra: str) -> list[str]:

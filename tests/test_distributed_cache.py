@@ -17,12 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import save_tiny_teacher
 from vldistill.cache import CachedTeachers, CacheError, read_manifest
 from vldistill.cli import main
 from vldistill.data.sources import load_data
-from vldistill.students import build_student
-from vldistill.tokenization import train_wordpiece
-from vldistill.train.fit import tokenizer_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROWS, SHARD = 48, 8  # 6 shards: 3 per process
@@ -31,12 +29,7 @@ FAULT = Path(__file__).resolve().parent / "fault_child.py"
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(5)
-    data = load_data("bundled:easyvqa", "train", ["en"], limit=64)
-    tok = train_wordpiece(tokenizer_corpus(data, ["en"]), vocab_size=300)
-    path = tmp_path_factory.mktemp("teacher") / "model"
-    build_student("test-clip", tok, projection_dim=24, **{"vision.hidden_size": 48}).save_pretrained(path)
-    return path
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "model", seed=5, limit=64)
 
 
 def cache_args(teacher: Path, out: Path) -> list[str]:
@@ -131,22 +124,24 @@ def test_two_processes_build_a_cache_of_tar_shards_and_share_the_shard_hashing(t
     args += ["--batch-size", "4", "--workers", "0"]
     torch.set_num_threads(1)
     assert main([*args, "--output", str(tmp_path / "one")]) == 0
-    run = launch([*args, "--output", str(tmp_path / "two")])
+    spy = {
+        "record": {"target": "vldistill.data.webdataset:shard_fingerprint", "file": str(tmp_path / "hashed"), "arg": 0}
+    }
+    run = launch([*args, "--output", str(tmp_path / "two")], fault=spy)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_cache(tmp_path / "one", tmp_path / "two")
     one, two = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
-    assert two["source_shards"] == one["source_shards"]  # hashed by the two processes, a share each
+    assert two["source_shards"] == one["source_shards"]
+    hashed = [json.loads(line) for line in (tmp_path / "hashed").read_text().splitlines()]
+    shares = {h["rank"]: [Path(p).name for p in h["arg"]] for h in hashed}
+    assert len(hashed) == 2 and shares == {0: ["000.tar", "001.tar"], 1: ["002.tar", "003.tar"]}  # a share each
     assert [s["rows"] for s in two["source_shards"]] == [6, 6, 6, 6]
 
 
 @pytest.fixture(scope="module")
 def second_teacher(tmp_path_factory) -> Path:
-    torch.manual_seed(9)
-    data = load_data("bundled:easyvqa", "train", ["en"], limit=64)
-    tok = train_wordpiece(tokenizer_corpus(data, ["en"]), vocab_size=250)
     path = tmp_path_factory.mktemp("second") / "model"
-    build_student("test-clip", tok, projection_dim=16, **{"vision.hidden_size": 32}).save_pretrained(path)
-    return path
+    return save_tiny_teacher(path, seed=9, limit=64, vocab_size=250, projection_dim=16, **{"vision.hidden_size": 32})
 
 
 def add_args(teacher: Path, second: Path, out: Path) -> list[str]:

@@ -408,15 +408,20 @@ def pixel_values(processor, images: Sequence[Image.Image]) -> Tensor:
     at 64 px. Any other processor, or a batch of images of different sizes after cropping, goes to the processor
     itself."""
     from transformers.image_processing_backends import PilBackend
+    from transformers.image_transforms import get_resize_output_image_size
 
-    if not images or not isinstance(processor, PilBackend) or type(processor)._preprocess is not PilBackend._preprocess:
+    def processor_itself() -> Tensor:
         return processor(images=list(images), return_tensors="pt")["pixel_values"]
-    if getattr(processor, "do_pad", None):
-        return processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    plain = isinstance(processor, PilBackend) and type(processor)._preprocess is PilBackend._preprocess
+    if not images or not plain or getattr(processor, "do_pad", None):
+        return processor_itself()
     size, crop = processor.size, processor.crop_size
     arrays = []
     for image in images:
-        target = _resize_target(processor, image) if isinstance(image, Image.Image) and image.mode == "RGB" else None
+        target = None
+        if isinstance(image, Image.Image) and image.mode == "RGB":
+            target = _resize_target(processor, image, get_resize_output_image_size)
         if target is not None:  # an RGB image: PIL resizes it directly, as the processor's resize does via numpy
             if target != (image.height, image.width):
                 image = image.resize((target[1], target[0]), resample=processor.resample)
@@ -429,7 +434,7 @@ def pixel_values(processor, images: Sequence[Image.Image]) -> Tensor:
             array = processor.center_crop(array, crop)
         arrays.append(array)
     if len({a.shape for a in arrays}) != 1:
-        return processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return processor_itself()
     batch = np.stack(arrays)
     if processor.do_rescale:
         batch = (batch.astype(np.float64) * processor.rescale_factor).astype(np.float32)
@@ -443,18 +448,16 @@ def pixel_values(processor, images: Sequence[Image.Image]) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(batch))
 
 
-def _resize_target(processor, image: Image.Image) -> tuple[int, int] | None:
+def _resize_target(processor, image: Image.Image, output_size) -> tuple[int, int] | None:
     """``(height, width)`` the processor resizes ``image`` to (its own size when it does not resize), for the sizes
-    given as a shortest edge or as height and width; ``None`` for the others (the processor's own path)."""
-    from transformers.image_transforms import get_resize_output_image_size
-    from transformers.image_utils import ChannelDimension
-
+    given as a shortest edge (``output_size``: transformers' ``get_resize_output_image_size``) or as height and
+    width; ``None`` for the others (the processor's own path)."""
     size, h, w = processor.size, image.height, image.width
     if not processor.do_resize:
         return h, w
     if size.shortest_edge and not size.longest_edge:
         stub = np.broadcast_to(np.uint8(0), (3, h, w))  # only its shape is read
-        return tuple(get_resize_output_image_size(stub, size.shortest_edge, False, None, ChannelDimension.FIRST))
+        return tuple(output_size(stub, size.shortest_edge, False, None, "channels_first"))
     if size.height and size.width and not size.shortest_edge:
         return size.height, size.width
     return None

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import struct
 import time
@@ -50,7 +49,7 @@ from .identity import (
     write_json,
 )
 from .views import augmentation_settings, view_params
-from .writer import auto_shard_rows, damaged_shards, run_build, summary
+from .writer import auto_shard_rows, damaged_shards, read_header, run_build, summary
 
 
 def build_cache(
@@ -304,9 +303,7 @@ def _rewritten(path: Path, column: int) -> bool:
     """Whether a shard already holds the columns ``t{column}.*`` of the addition under way (rewritten before a kill
     that came before its record): its bytes differ from the manifest's, and the addition rewrites it again."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
+        _, header = read_header(path)
     except (OSError, ValueError, struct.error):
         return False
     return any(name.startswith(f"t{column}.") for name in header)

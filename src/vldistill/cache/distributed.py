@@ -98,44 +98,45 @@ def write_record(directory: Path, index: int, entry: dict[str, Any], fingerprint
     write_text(directory / name, json.dumps({**entry, "fingerprint": fingerprint}), tmp=directory / f".{name}.tmp")
 
 
+def _verified_records(
+    directory: Path, manifest: dict[str, Any], done: dict[int, dict[str, Any]], belongs: Callable[[int, dict], bool]
+) -> dict[int, dict[str, Any]]:
+    """``done`` plus the recorded shards of this build (same data fingerprint, ``belongs``) whose file has the
+    recorded size and SHA-256, as manifest entries (the record's own keys dropped)."""
+    fp = manifest["dataset"]["fingerprint"]
+    candidates = [
+        (i, e) for i, e in records(directory).items() if i not in done and e.get("fingerprint") == fp and belongs(i, e)
+    ]
+    bad = {j for j, _ in damaged_shards(directory, [e for _, e in candidates])}
+    for j, (i, entry) in enumerate(candidates):
+        if j not in bad:
+            done[i] = {k: v for k, v in entry.items() if k not in ("fingerprint", "adding")}
+    return done
+
+
 def done_shards(directory: Path, manifest: dict[str, Any], n_shards: int) -> dict[int, dict[str, Any]]:
     """Every shard already complete: the manifest's listed ones (a one-process build lists them as it goes) and the
     recorded ones of this build whose file has the recorded size and SHA-256."""
-    done = dict(enumerate(manifest["shards"]))
-    fp, rows = manifest["dataset"]["fingerprint"], manifest["shard_rows"]
-    candidates = [
-        (i, e)
-        for i, e in records(directory).items()
-        if i not in done and i < n_shards and e.get("fingerprint") == fp and e.get("start") == i * rows
-    ]
-    bad = {i for i, _ in damaged_shards(directory, [e for _, e in candidates])}
-    for j, (i, entry) in enumerate(candidates):
-        if j not in bad:
-            done[i] = {k: v for k, v in entry.items() if k != "fingerprint"}
-    return done
+    rows = manifest["shard_rows"]
+
+    def belongs(i: int, entry: dict[str, Any]) -> bool:
+        return i < n_shards and entry.get("start") == i * rows
+
+    return _verified_records(directory, manifest, dict(enumerate(manifest["shards"])), belongs)
 
 
 def addition_done(directory: Path, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """The shards an interrupted addition of teachers (``manifest["extending"]``) has already rewritten: those before
     its ``shards_done`` (additions by earlier versions, shard by shard in the manifest) and those recorded for this
     addition (same data, same first new column) whose file has the recorded size and SHA-256."""
-    extending = manifest["extending"]
-    done = {i: manifest["shards"][i] for i in range(extending.get("shards_done", 0))}
-    fp = manifest["dataset"]["fingerprint"]
-    candidates = [
-        (i, e)
-        for i, e in records(directory).items()
-        if i not in done
-        and i < len(manifest["shards"])
-        and e.get("fingerprint") == fp
-        and e.get("adding") == extending["from_teacher"]
-        and e.get("file") == manifest["shards"][i]["file"]
-    ]
-    bad = {i for i, _ in damaged_shards(directory, [e for _, e in candidates])}
-    for j, (i, entry) in enumerate(candidates):
-        if j not in bad:
-            done[i] = {k: v for k, v in entry.items() if k not in ("fingerprint", "adding")}
-    return done
+    extending, shards = manifest["extending"], manifest["shards"]
+    done = {i: shards[i] for i in range(extending.get("shards_done", 0))}
+    first = extending["from_teacher"]
+
+    def belongs(i: int, entry: dict[str, Any]) -> bool:
+        return i < len(shards) and entry.get("adding") == first and entry.get("file") == shards[i]["file"]
+
+    return _verified_records(directory, manifest, done, belongs)
 
 
 def finish_addition(directory: Path, manifest: dict[str, Any]) -> None:

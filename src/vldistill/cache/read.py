@@ -10,11 +10,8 @@ training from a 200k-row cache then held 41 MB more than from a 20k-row one.)
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import mmap
 import os
-import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +26,7 @@ from ..outputs import Embeddings, ModelDims
 from .fingerprint import dataset_digests, fields_key, fingerprint
 from .identity import MANIFEST, CacheError, find_teacher, first_difference, identity_difference, read_manifest, short
 from .views import ViewTable, augmentation_settings
-from .writer import DTYPES, damaged_shards
+from .writer import DTYPES, damaged_shards, read_header
 
 OPEN_FILES = 64
 """Shard files a reader keeps open at once."""
@@ -68,16 +65,14 @@ class _Shard:
     Training reads a few rows per shard per batch. They are copied from the file with one ``pread`` per run of
     consecutive rows, so the process maps nothing and holds only the batch: resident memory does not grow with the
     cache, as it does with a memory map, whose every touched page (a whole large folio of the page cache on recent
-    kernels) stays resident until it is released. :attr:`arrays` maps the file for whole-column reads (tests, tools).
+    kernels) stays resident until it is released.
     """
 
     def __init__(self, path: Path, size: int):
         if not path.is_file() or path.stat().st_size != size:
             raise CacheError(f"shard {path} is missing or has the wrong size: the cache is damaged; rebuild it")
         self.path = path
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
+        n, header = read_header(path)
         self.base = 8 + n
         self.columns: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
@@ -86,20 +81,6 @@ class _Shard:
                 continue
             self.columns[name] = (info["data_offsets"][0], np.dtype(_NUMPY[info["dtype"]]), tuple(info["shape"]))
             self.dtypes[name] = _TORCH[info["dtype"]]
-        self._arrays: dict[str, np.ndarray] | None = None
-
-    @property
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Every tensor as a numpy view of a read-only memory map of the file (mapped on first use)."""
-        if self._arrays is None:
-            with open(self.path, "rb") as f:
-                buffer = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
-            self._arrays = {}
-            for name, (begin, dtype, shape) in self.columns.items():
-                count = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                raw = buffer[self.base + begin : self.base + begin + count]
-                self._arrays[name] = raw.view(dtype).reshape(shape)
-        return self._arrays
 
     def read(self, fd: int, name: str, offsets: np.ndarray, views: np.ndarray | None) -> np.ndarray:
         """Rows ``offsets`` of tensor ``name`` (of a ``[n, K, ...]`` tensor: view ``views[i]`` of each row)."""

@@ -9,7 +9,9 @@ A teacher output that is not finite (NaN or inf) stops the build, naming the tea
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -274,6 +276,14 @@ def damaged_shards(directory: Path, shards: Sequence[dict[str, Any]], quick: boo
     with ThreadPoolExecutor(min(4, len(shards), os.cpu_count() or 1)) as pool:
         found = list(pool.map(check, shards))
     return [(i, why) for i, why in enumerate(found) if why is not None]
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """A shard's safetensors header, without reading its tensors: ``(header length, header)``; the tensors' bytes
+    start at ``8 + header length``. Raises ``OSError`` or ``ValueError`` for a file that is not one."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return n, json.loads(f.read(n))
 
 
 def read_column(path: Path, name: str) -> np.ndarray:

@@ -305,11 +305,8 @@ class StreamRows(Dataset):
         return self.stream.row_digests(fields, rows)
 
     def shard_fingerprint(self, known: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """What a cache's manifest stores of the source's shards: the stream's own fingerprint when it has one
-        (tar shards), else each shard's sample count (a stream training from the cache adopts them)."""
-        own = getattr(self.stream, "shard_fingerprint", None)
-        if own is not None:
-            return own(known)
+        """What a cache's manifest stores of the stream's shards: each one's sample count, which a stream training
+        from the cache adopts (``known`` is not used: there is no stored file fingerprint to reuse)."""
         return [{"shard": i, "rows": n} for i, n in enumerate(self.counts)]
 
     def __repr__(self) -> str:

@@ -51,7 +51,7 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .pairs import DataError, to_rgb
+from .pairs import DataError, Sample, to_rgb
 from .streaming import ShardStream
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -125,6 +125,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_fields(fields: Sequence[str], languages: Sequence[str]) -> None:
+    for name in fields:
+        if name not in languages:
+            raise DataError(f"languages: the tar shards have captions in {list(languages)}, not {name!r}")
+
+
+def _row_digest(image: bytes, caption: str, language: str, fields: Sequence[str]) -> bytes:
+    """A tar sample's row digest: :func:`vldistill.cache.sample_digest` of its encoded image and caption."""
+    from ..cache.fingerprint import sample_digest  # the cache's own hash; imported when a cache asks
+
+    return sample_digest(Sample(language, {language: caption}, data=image), fields)
+
+
 class TarPairs(Dataset):
     """Image-caption pairs read from webdataset tar shards by offset (see the module docstring).
 
@@ -165,12 +178,12 @@ class TarPairs(Dataset):
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own files
         return {**self.__dict__, "_fds": {}}
 
-    def _keep(self, shard: int, rows: np.ndarray) -> np.ndarray:
+    def _keep(self, shard: int, rows: np.ndarray) -> None:
+        """Keep a shard's index as the most recently read; forget the oldest beyond :attr:`INDEXED_SHARDS`."""
         self._indexed[shard] = rows
         self._indexed.move_to_end(shard)
         while len(self._indexed) > self.INDEXED_SHARDS:
             self._indexed.popitem(last=False)
-        return rows
 
     def _row(self, index: int) -> np.ndarray:
         """The ``(shard, image offset, image size, text offset, text size, json offset, json size)`` of a sample:
@@ -185,8 +198,6 @@ class TarPairs(Dataset):
                     f"{self.shards[shard]}: {len(rows)} samples now, {self.shard_rows[shard]} when the data was "
                     f"opened; the shard changed while it was read"
                 )
-        else:
-            self._indexed.move_to_end(shard)
         self._keep(shard, rows)
         return rows[index - self._starts[shard]]
 
@@ -220,16 +231,12 @@ class TarPairs(Dataset):
     def row_digests(self, fields: Sequence[str], rows: Sequence[int] | None = None) -> np.ndarray:
         """``[n, 16]`` uint8 row digests as :func:`vldistill.cache.sample_digest` computes them (the image's encoded
         bytes, then the caption per field), reading each row's members without decoding."""
+        _check_fields(fields, self.languages)
         rows = range(len(self)) if rows is None else rows
         out = np.empty((len(rows), 16), dtype=np.uint8)
         for j, i in enumerate(rows):
             data, caption, _ = self.raw(i)
-            h = hashlib.blake2b(data, digest_size=16)
-            for name in fields:
-                if name != self.languages[0]:
-                    raise DataError(f"languages: the tar shards have captions in {self.languages}, not {name!r}")
-                h.update(b"\0" + name.encode() + b"\0" + caption.encode())
-            out[j] = np.frombuffer(h.digest(), dtype=np.uint8)
+            out[j] = np.frombuffer(_row_digest(data, caption, self.languages[0], fields), dtype=np.uint8)
         return out
 
     def shard_fingerprint(
@@ -350,11 +357,7 @@ class TarStream(ShardStream):
     def raw_digest(self, raw: dict[str, Any], fields: Sequence[str]) -> bytes:
         """As :meth:`TarPairs.row_digests` hashes a row (the image's encoded bytes, then the caption per field)."""
         data = next(raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw)
-        h = hashlib.blake2b(data, digest_size=16)
-        caption = raw["txt"].decode("utf-8").strip()
-        for name in fields:
-            h.update(b"\0" + name.encode() + b"\0" + caption.encode())
-        return h.digest()
+        return _row_digest(data, raw["txt"].decode("utf-8").strip(), self.languages[0], fields)
 
     def captions(self, languages: Sequence[str], limit: int) -> list[str]:
         """The first ``limit`` captions in the shards' order (a tokenizer's corpus), read without decoding images."""
