@@ -287,10 +287,11 @@ def test_teacher_and_student_preprocess_with_their_own_processors(tmp_path, toke
     assert t_ids.tolist() != s_ids.tolist()
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip", "chinese_clip"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "chinese_clip", "rescale_only", "normalize_only", "neither"])
 def test_fast_pixel_values_are_bitwise_the_processors(kind):
     """vldistill's batched preprocessing gives exactly what the transformers processor gives (resized, cropped,
-    rescaled, normalised), for images already at size, larger, odd-sized, grey and with alpha."""
+    rescaled, normalised), for images already at size, larger, odd-sized, grey and with alpha, and with the rescale
+    or the normalisation switched off."""
     import transformers
 
     from vldistill.models import pixel_values
@@ -299,6 +300,13 @@ def test_fast_pixel_values_are_bitwise_the_processors(kind):
         "clip": lambda: transformers.CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size=48),
         "siglip": lambda: transformers.SiglipImageProcessorPil(size={"height": 40, "width": 40}),
         "chinese_clip": lambda: transformers.ChineseCLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32),
+        "rescale_only": lambda: transformers.CLIPImageProcessorPil(size={"shortest_edge": 48}, do_normalize=False),
+        "normalize_only": lambda: transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": 48}, do_rescale=False, image_mean=[100.0, 120.5, 90.25], image_std=[50.0, 3.0, 70.0]
+        ),
+        "neither": lambda: transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": 48}, do_rescale=False, do_normalize=False
+        ),
     }[kind]()
     rng = np.random.default_rng(0)
     images = [
@@ -442,3 +450,19 @@ def test_missing_teacher_directory_is_named(tmp_path):
     assert Path(missing).is_absolute()
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         load_teacher(missing)
+
+
+@pytest.mark.parametrize("preset", ["clip-tiny", "vtde-tiny"])
+def test_tower_overrides_nested_or_dotted_build_the_same_student(preset, tokenizer):
+    # student.overrides.vision: {image_size: 64, ...} in a recipe, or vision.image_size on the command line
+    nested = build_student(preset, tokenizer, vision={"image_size": 64, "patch_size": 8}, text={"num_hidden_layers": 1})
+    dotted = build_student(
+        preset, tokenizer, **{"vision.image_size": 64, "vision.patch_size": 8, "text.num_hidden_layers": 1}
+    )
+    for model in (nested, dotted):
+        cfg = model.model.config
+        vision = cfg.vision_config
+        assert (vision.image_size, vision.patch_size) == (64, 8)
+        assert cfg.text_config.num_hidden_layers == 1
+        assert model.embed_images([Image.new("RGB", (64, 64))]).shape[0] == 1
+    assert nested.num_parameters() == dotted.num_parameters()

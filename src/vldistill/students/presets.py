@@ -89,7 +89,7 @@ def _split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
 
 
 def clip_from_config(
-    tokenizer, vision: dict[str, Any], text: dict[str, Any], preset: str, **overrides: Any
+    tokenizer, vision_tower: dict[str, Any], text_tower: dict[str, Any], preset: str, **overrides: Any
 ) -> DualEncoder:
     """Build a randomly initialised ``CLIPModel`` of the given tower sizes with its own image processor.
 
@@ -99,8 +99,8 @@ def clip_from_config(
     tokenizer = _require_tokenizer(tokenizer, preset)
     v_over, t_over, top = _split_overrides(overrides)
     image_mean, image_std = top.pop("image_mean", STUDENT_MEAN), top.pop("image_std", STUDENT_STD)
-    vision = {**vision, **v_over}
-    text = {**text, "vocab_size": len(tokenizer), **_special_ids(tokenizer), **t_over}
+    vision = {**vision_tower, **v_over}
+    text = {**text_tower, "vocab_size": len(tokenizer), **_special_ids(tokenizer), **t_over}
     text.setdefault("max_position_embeddings", min(getattr(tokenizer, "model_max_length", 77), 77))
     config = CLIPConfig(vision_config=vision, text_config=text, **top)
     model = CLIPModel(config)
@@ -126,8 +126,8 @@ def clip_tiny(tokenizer=None, **overrides: Any) -> DualEncoder:
     data's shapes apart (about 50% top-1, distilled or not)."""
     return clip_from_config(
         tokenizer,
-        vision=_tower(96, 2, 4, image_size=32, patch_size=4),
-        text=_tower(96, 2, 4),
+        vision_tower=_tower(96, 2, 4, image_size=32, patch_size=4),
+        text_tower=_tower(96, 2, 4),
         preset="clip-tiny",
         **{"projection_dim": 64, **overrides},
     )
@@ -141,8 +141,8 @@ def clip_ref_teacher(tokenizer=None, **overrides: Any) -> DualEncoder:
     64% of shapes on the bundled data, against 86% with this one."""
     return clip_from_config(
         tokenizer,
-        vision=_tower(128, 6, 4, image_size=64, patch_size=8),
-        text=_tower(256, 4, 4),
+        vision_tower=_tower(128, 6, 4, image_size=64, patch_size=8),
+        text_tower=_tower(256, 4, 4),
         preset="clip-ref-teacher",
         **{"projection_dim": 128, "image_mean": CLIP_MEAN, "image_std": CLIP_STD, **overrides},
     )
@@ -153,8 +153,8 @@ def clip_s16(tokenizer=None, **overrides: Any) -> DualEncoder:
     """A ViT-S/16-sized CLIP student for real teachers: 224px/16 width 384 x 12; text width 384 x 6; 512-d."""
     return clip_from_config(
         tokenizer,
-        vision=_tower(384, 12, 6, image_size=224, patch_size=16),
-        text=_tower(384, 6, 6),
+        vision_tower=_tower(384, 12, 6, image_size=224, patch_size=16),
+        text_tower=_tower(384, 6, 6),
         preset="clip-s16",
         **{"projection_dim": 512, **overrides},
     )
@@ -165,19 +165,21 @@ def test_clip(tokenizer=None, **overrides: Any) -> DualEncoder:
     """Tiny CLIP for tests: 32px/16 width 32 x 1; text width 32 x 1; 16-d."""
     return clip_from_config(
         tokenizer,
-        vision=_tower(32, 1, 2, image_size=32, patch_size=16),
-        text=_tower(32, 1, 2),
+        vision_tower=_tower(32, 1, 2, image_size=32, patch_size=16),
+        text_tower=_tower(32, 1, 2),
         preset="test-clip",
         **{"projection_dim": 16, **overrides},
     )
 
 
-def vtde_from_configs(tokenizer, vision: dict, text: dict, preset: str, **overrides) -> DualEncoder:
+def vtde_from_configs(tokenizer, vision_tower: dict, text_tower: dict, preset: str, **overrides) -> DualEncoder:
     """``VisionTextDualEncoderModel`` from a ViT config and a BERT config (random initialisation)."""
     tokenizer = _require_tokenizer(tokenizer, preset)
     v_over, t_over, top = _split_overrides(overrides)
-    vision_cfg = ViTConfig(**{**vision, **v_over})
-    text_cfg = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0, **{**text, **t_over})
+    vision_cfg = ViTConfig(**{**vision_tower, **v_over})
+    text_cfg = BertConfig(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0, **{**text_tower, **t_over}
+    )
     image_mean, image_std = top.pop("image_mean", STUDENT_MEAN), top.pop("image_std", STUDENT_STD)
     config = VisionTextDualEncoderConfig.from_vision_text_configs(vision_cfg, text_cfg, **top)
     model = VisionTextDualEncoderModel(config=config)
