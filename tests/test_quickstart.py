@@ -157,6 +157,36 @@ def test_image_timing_helper_measures_the_image_tower():
     assert 0 < ms < 1000
 
 
+def test_speed_of_several_models_is_measured_in_turns_with_medians(monkeypatch):
+    """Each round times every model once, in turn; a load spike in one round (one slow call) leaves the medians and
+    so the teacher/student ratio alone. A fake clock: each encode_image call advances it by the model's cost."""
+    from vldistill.train import fit
+
+    clock, calls = [0.0], []
+
+    class Fake:
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def preprocess_images(self, images):
+            return list(images)
+
+        def eval(self):
+            return self
+
+        def encode_image(self, pixels):
+            calls.append(self.name)
+            slow = self.name == "student" and len(calls) == 13  # in round 2
+            clock[0] += self.seconds * (50 if slow else 1)
+
+    monkeypatch.setattr(fit.time, "perf_counter", lambda: clock[0])
+    models = {"teacher": Fake("teacher", 0.4), "student": Fake("student", 0.1)}
+    ms = fit.image_ms_in_turns(models, ["img"] * 4, batch_size=4, rounds=5, repeats=2)
+    assert calls[:6] == ["teacher"] * 3 + ["student"] * 3  # warm-up
+    assert calls[6:] == (["teacher"] * 2 + ["student"] * 2) * 5  # then in turns
+    assert ms == {"teacher": pytest.approx(100.0), "student": pytest.approx(25.0)}  # 1000 * 0.4 s / 4 images
+
+
 @pytest.mark.parametrize(
     "command", [["quickstart", "--fast"], ["eval", "--model", "runs/quickstart/student", "--data", "bundled:easyvqa"]]
 )
