@@ -8,24 +8,17 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: quickstart quickstart-fast test lint format clean
+.PHONY: quickstart quickstart-fast test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# The quickstart needs the package alone; the tests also need its test extra (pytest, ruff, onnx, onnxruntime,
-# pycocoevalcap), installed on top by `make test`.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e .
-	touch $(STAMP)
-
-$(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	touch $(TEST_STAMP)
+	touch $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/vldistill quickstart
@@ -33,14 +26,14 @@ quickstart: $(STAMP)
 quickstart-fast: $(STAMP)
 	$(BIN)/vldistill quickstart --fast
 
-test: $(TEST_STAMP)
+test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-lint: $(TEST_STAMP)
+lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(TEST_STAMP)
+format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
