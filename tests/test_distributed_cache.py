@@ -90,19 +90,24 @@ def test_a_two_process_build_killed_part_way_resumes_and_finishes_identical(one_
     assert run.returncode != 0
     manifest = read_manifest(out)
     assert not manifest["complete"] and manifest["shards"] == []  # the manifest is written once, at the end
-    finished = sorted(out.glob("shard-*.json"))
-    assert 2 <= len(finished) < ROWS // SHARD, [p.name for p in out.iterdir()]
-    kept = {p.stem: (out / f"{p.stem}.safetensors").stat().st_mtime_ns for p in finished}
     data = load_data("bundled:easyvqa", "train", ["en"], limit=ROWS).dataset
     with pytest.raises(CacheError, match="incomplete"):  # never used until the manifest says complete
         CachedTeachers(out, data, manifest["teachers"], [["en"]])
+    resume_only_the_rest(out, cache_args(teacher_dir, out), one_process)
 
-    run = launch(cache_args(teacher_dir, out))
+
+def resume_only_the_rest(out: Path, args: list[str], reference: Path) -> None:
+    """A killed two-process run left 2 or more shards recorded: running again on two processes computes only the
+    other shards, leaves the recorded files alone, and gives the same cache as ``reference``."""
+    finished = sorted(out.glob("shard-*.json"))
+    assert 2 <= len(finished) < ROWS // SHARD, [p.name for p in out.iterdir()]
+    kept = {p.stem: (out / f"{p.stem}.safetensors").stat().st_mtime_ns for p in finished}
+    run = launch(args)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout[run.stdout.index("{") :])
-    assert summary["built_rows"] == ROWS - SHARD * len(finished)  # only the shards no process finished
+    assert summary["built_rows"] == ROWS - SHARD * len(finished)  # only the shards no process recorded
     assert all((out / f"{stem}.safetensors").stat().st_mtime_ns == t for stem, t in kept.items())
-    assert_same_cache(one_process, out)
+    assert_same_cache(reference, out)
 
 
 def test_one_process_finishes_a_killed_two_process_build(one_process, teacher_dir, tmp_path):
@@ -174,15 +179,7 @@ def test_a_killed_two_process_addition_resumes_and_finishes_identical(
     assert launch(add_args(teacher_dir, second_teacher, killed), fault=kill).returncode != 0
     manifest = read_manifest(killed)
     assert "extending" in manifest and not manifest["complete"]  # never used half-extended
-    finished = sorted(killed.glob("shard-*.json"))
-    assert 2 <= len(finished) < ROWS // SHARD
-    kept = {p.stem: (killed / f"{p.stem}.safetensors").stat().st_mtime_ns for p in finished}
-    run = launch(add_args(teacher_dir, second_teacher, killed))
-    assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads(run.stdout[run.stdout.index("{") :])
-    assert summary["built_rows"] == ROWS - SHARD * len(finished)  # only the shards no process recorded
-    assert all((killed / f"{stem}.safetensors").stat().st_mtime_ns == t for stem, t in kept.items())
-    assert_same_cache(one, killed)
+    resume_only_the_rest(killed, add_args(teacher_dir, second_teacher, killed), one)
 
 
 def test_accelerate_launch_builds_the_same_cache(one_process, teacher_dir, tmp_path):

@@ -437,7 +437,7 @@ def pixel_values(processor, images: Sequence[Image.Image]) -> Tensor:
     if len({a.shape for a in arrays}) != 1:
         return processor_itself()
     batch = np.stack(arrays)
-    if batch.dtype == np.uint8 and batch.ndim == 4 and (processor.do_rescale or processor.do_normalize):
+    if batch.dtype == np.uint8 and (processor.do_rescale or processor.do_normalize):
         # every uint8 value through the same float64 rescale, float32 cast and float32 normalisation, once: the batch
         # is then a table look-up per channel, bitwise the arithmetic below at a fraction of its time
         table = _pixel_table(processor, batch.shape[1])

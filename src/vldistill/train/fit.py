@@ -513,7 +513,6 @@ def _eval_data_in(data: DataConfig, languages: Sequence[str] | None) -> Labelled
     )
 
 
-@torch.no_grad()
 def image_ms_per_image(model: DualEncoder, images: Sequence, batch_size: int = 64, repeats: int = 10) -> float:
     """Milliseconds per image of the image tower alone (preprocessing excluded), batches of ``batch_size``,
     after warm-up, on this machine."""
