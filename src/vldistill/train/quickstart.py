@@ -5,7 +5,9 @@
    ``runs/teachers/`` keyed by its config (later runs reuse it; a changed config retrains it);
 3. distils a student with at most 1/8 of the teacher's parameters with ``recipes/dcclip.yaml``, from a cache of the
    teacher's outputs on the train split (built once with the teacher, then read at the speed of the student);
-4. trains the same student architecture without the teacher (contrastive loss only, same steps and batch size);
+4. trains the same student architecture without the teacher (contrastive loss only, same initialisation, steps and
+   batch size) on the same pairs, and for context on every pair; the three students train side by side, one CPU
+   thread each (:mod:`vldistill.train.side_by_side`: a tiny model cannot use two cores well), logs in ``logs/``;
 5. evaluates teacher, student and baseline, prints a table, writes ``results.json``, saves the student in
    Hugging Face format and writes a report with a plot.
 
@@ -14,6 +16,8 @@ Sits on top of the library (like the trainer and the CLI).
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +41,7 @@ from ..students import load_student, prepare_student
 from ..tokenization import train_wordpiece
 from .fit import EVAL_BATCH_SIZE, adapted_cosine, baseline_config, fit_recipe, image_ms_in_turns, tokenizer_corpus
 from .report import write_report
+from .side_by_side import run_side_by_side, side_by_side_threads
 
 # --fast: the same pipeline on a smaller slice, for tests and a first look (< 2 minutes).
 FAST_DATA = {"data.limit_train": 768, "data.limit_eval": 200}
@@ -103,27 +108,34 @@ def run_quickstart(
     )
     cached = build_recipe_cache(s_cfg, [t_model], train.dataset, replace=True)  # reused when it is up to date
     _say(f"3/5 teacher outputs cached in {cached['cache']} ({cached['built_rows']} rows computed)")
-    _say(f"4/5 baseline: the same student without the teacher, on the {n_paired} pairs ({s_cfg.total_steps} steps)")
-    distill = fit_recipe(
-        s_cfg,
-        teachers=[t_model],
-        student=student,
-        train_data=train,
-        evaluate_after=False,
-        baseline=True,
-        overwrite=True,
-    )
-    student.save_pretrained(out / "student")
-    baseline = load_student(distill["baseline_dir"])
-    # for context: the same student trained without the teacher on every pair the teacher saw
+    # 4. its no-teacher baseline (`vldistill fit --baseline`'s config: the recipe's task loss only, the same student
+    # initialisation, steps and batch size, on the same pairs) and, for context, the same student trained without
+    # the teacher on every pair the teacher saw. The three trainings are independent: side by side, one thread each.
+    b_cfg = baseline_config(s_cfg, out / "baseline")
     a_cfg = baseline_config(
         load_recipe(raw={**to_dict(s_cfg), "data": {**to_dict(s_cfg.data), "paired": None}}), out / "all-pairs"
     )
-    all_pairs = load_student(out / "distill" / "student-init")
+    _say(f"4/5 baseline: the same student without the teacher, on the {n_paired} pairs ({s_cfg.total_steps} steps)")
     _say(f"4/5 context: the same student without the teacher on all {len(train.dataset)} pairs")
-    everything = fit_recipe(
-        a_cfg, teachers=[], student=all_pairs, train_data=train, evaluate_after=False, overwrite=True
-    )
+    runs = {"student": (s_cfg, [t_model]), "baseline": (b_cfg, []), "all_pairs": (a_cfg, [])}
+    jobs = {
+        name: functools.partial(
+            fit_recipe, cfg, teachers=ts, student=student, train_data=train, evaluate_after=False, overwrite=True
+        )
+        for name, (cfg, ts) in runs.items()
+    }
+    threads = side_by_side_threads(len(jobs))
+    if threads:
+        _say(f"3-4/5 training the three students side by side, {threads} thread(s) each; logs in {out / 'logs'}/")
+    else:  # one after the other, in this process: each from its own copy of the initial student
+        jobs = {name: _fresh(job, student) for name, job in jobs.items()}
+    configs = {name: cfg for name, (cfg, _) in runs.items()}
+    trained = run_side_by_side(jobs, out / "logs", threads, poll=lambda: _say(_progress(configs)))
+    distill, everything = trained["student"], trained["all_pairs"]
+    student = load_student(distill["student_dir"])
+    student.save_pretrained(out / "student")
+    baseline = load_student(trained["baseline"]["student_dir"])
+    all_pairs = load_student(everything["student_dir"])
 
     # 5. evaluation
     _say("5/5 evaluate teacher, student and baseline on the test split")
@@ -154,7 +166,7 @@ def run_quickstart(
     histories = {
         "teacher": t_history,
         "student (distilled)": _rows(distill),
-        "baseline": _rows({"output_dir": str(Path(distill["baseline_dir"]).parent)}),
+        "baseline": _rows(trained["baseline"]),
         "all pairs, no teacher": _rows(everything),
     }
     models = {"teacher": t_model, "student": student, "baseline": baseline}
@@ -163,6 +175,31 @@ def run_quickstart(
     print(results["summary"], flush=True)
     _say(f"wrote {out / 'results.json'}, {out / 'student'}/ and {out / 'report.md'} in {results['wall_seconds']} s")
     return results
+
+
+def _fresh(job, student: DualEncoder):
+    """``job`` run on a copy of ``student`` as it is now (side by side, each forked process has its own copy)."""
+    initial = copy.deepcopy(student.state_dict())
+
+    def run():
+        student.load_state_dict(initial)
+        return job()
+
+    return run
+
+
+def _progress(runs: dict[str, Any]) -> str:
+    """``student 120/400, baseline 140/400, ...``: the steps each run has logged to its ``metrics.jsonl``."""
+    parts = []
+    for name, cfg in runs.items():
+        path = Path(cfg.train.output_dir) / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        done = 0
+        if lines:
+            row = json.loads(lines[-1])
+            done = sum(s.steps for s in cfg.stages[: row["stage_index"]]) + row["step"]
+        parts.append(f"{name} {done}/{cfg.total_steps}")
+    return "training: " + ", ".join(parts)
 
 
 def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
