@@ -60,9 +60,7 @@ def test_outputs_report_and_training_logs(fast_run):
     distill_rows = [json.loads(x) for x in (fast_run / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in distill_rows} == {"distill", "align"}
     assert any("fd_image" in r and "xling" in r for r in distill_rows)
-    baseline_rows = [
-        json.loads(x) for x in (fast_run / "baseline" / "metrics.jsonl").read_text().splitlines()
-    ]
+    baseline_rows = [json.loads(x) for x in (fast_run / "baseline" / "metrics.jsonl").read_text().splitlines()]
     assert all("fd_image" not in r for r in baseline_rows) and all("clip" in r for r in baseline_rows)
 
 
