@@ -126,7 +126,7 @@ def run_quickstart(
     }
     threads = side_by_side_threads(len(jobs))
     if threads:
-        _say(f"3-4/5 training the three students side by side, {threads} thread(s) each; logs in {out / 'logs'}/")
+        _say(f"4/5 training the three students side by side, {threads} thread(s) each; logs in {out / 'logs'}/")
     else:  # one after the other, in this process: each from its own copy of the initial student
         jobs = {name: _fresh(job, student) for name, job in jobs.items()}
     configs = {name: cfg for name, (cfg, _) in runs.items()}

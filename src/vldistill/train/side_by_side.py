@@ -40,7 +40,7 @@ def side_by_side_threads(n_jobs: int, total: int | None = None) -> int:
         return 0
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return 0
-    return max(1, total // n_jobs)  # 3 jobs on 2 threads: one each (a third more threads than cores measured best)
+    return max(1, total // n_jobs)  # 3 jobs on 2 threads: one each (3 threads on 2 cores measured fastest)
 
 
 def run_side_by_side(
@@ -53,7 +53,8 @@ def run_side_by_side(
     """Run each job (a callable without arguments returning something JSON-able) and return ``{name: result}``.
 
     ``threads``: torch threads per job (default :func:`side_by_side_threads`; 0 runs the jobs one after the other in
-    this process, printing as usual). Side by side, job ``NAME`` writes its output to ``log_dir/NAME.log`` and
+    this process, printing as usual: the jobs then share this process's objects, so a job that changes one the next
+    job reads must start from its own copy). Side by side, job ``NAME`` writes its output to ``log_dir/NAME.log`` and
     ``poll`` (for example a progress line) is called every ``poll_seconds`` while any job runs.
     """
     threads = side_by_side_threads(len(jobs)) if threads is None else threads
