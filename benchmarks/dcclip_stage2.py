@@ -43,7 +43,7 @@ from vldistill.models import load_teacher
 from vldistill.students import load_student, prepare_student
 from vldistill.tokenization import train_wordpiece
 from vldistill.train.fit import fit_recipe, tokenizer_corpus
-from vldistill.train.quickstart import PAIRED
+from vldistill.train.quickstart import distill_overrides
 from vldistill.train.side_by_side import run_side_by_side
 
 
@@ -98,29 +98,30 @@ def main(argv: list[str] | None = None) -> int:
     teachers = teachers_by_seed(work, args.seeds)
     train = load_data("bundled:easyvqa", "train", ["en", "zh"])
     eval_set = load_data("bundled:easyvqa", "test", ["en", "zh"]).eval_set(["en", "zh"])
+    tokenizer = train_wordpiece(
+        tokenizer_corpus(train, ["en", "zh"]), vocab_size=load_recipe("dcclip").student.vocab_size
+    )
+    loaded = {seed: load_teacher(str(path)) for seed, path in teachers.items()}
     results: dict[str, Any] = {}
     for variant in args.variants:
         jobs = {}
         for seed, t_path in teachers.items():
-            overrides = {
-                "train.seed": seed,
-                "train.progress": False,
-                "data.paired": PAIRED,
-                "data.split.seed": seed,
-                "teacher.name_or_path": str(t_path),
-                "teacher.source": "cache",
-                "teacher.cache": str(work / f"seed{seed}" / "teacher-cache"),
-                "cache.workers": 0,
-                "train.output_dir": f"runs/bench/dcclip_stage2/{variant}/seed{seed}",
-            }
-            cfg = load_recipe(raw=variant_config(to_dict(load_recipe("dcclip", overrides)), variant))
-            teacher = load_teacher(str(t_path))
-            tokenizer = train_wordpiece(tokenizer_corpus(train, ["en", "zh"]), vocab_size=cfg.student.vocab_size)
-            student = prepare_student(cfg, tokenizer=tokenizer, teachers=[teacher])
-            fit = functools.partial(
-                fit_recipe, cfg, teachers=[teacher], student=student, train_data=train, evaluate_after=False
+            out = f"runs/bench/dcclip_stage2/{variant}/seed{seed}"
+            overrides = distill_overrides(
+                seed, out, teacher=t_path, teacher_cache=work / f"seed{seed}" / "teacher-cache"
             )
-            jobs[f"seed{seed}"] = functools.partial(fit, overwrite=True)
+            overrides["train.progress"] = False
+            cfg = load_recipe(raw=variant_config(to_dict(load_recipe("dcclip", overrides)), variant))
+            student = prepare_student(cfg, tokenizer=tokenizer, teachers=[loaded[seed]])
+            jobs[f"seed{seed}"] = functools.partial(
+                fit_recipe,
+                cfg,
+                teachers=[loaded[seed]],
+                student=student,
+                train_data=train,
+                evaluate_after=False,
+                overwrite=True,
+            )
         t0 = time.perf_counter()
         trained = run_side_by_side(jobs, f"runs/bench/dcclip_stage2/{variant}/logs")
         per_seed = {}

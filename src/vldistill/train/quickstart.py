@@ -68,9 +68,7 @@ def run_quickstart(
 
     # 1. data and tokenizers
     _say("1/5 data: bundled easy-vqa, English + Chinese captions")
-    s_overrides = {**common, **(FAST_STUDENT if fast else {}), "train.output_dir": str(out / "distill")}
-    s_overrides.update({"data.paired": PAIRED, "data.split.seed": seed})
-    d_cfg = load_recipe("dcclip", s_overrides)  # its data settings; the teacher is not known yet
+    d_cfg = load_recipe("dcclip", distill_overrides(seed, out / "distill", fast))  # the teacher is not known yet
     train = load_data(d_cfg.data.train, "train", ["en", "zh"], limit=d_cfg.data.limit_train)
     test = load_data(d_cfg.data.eval, "test", ["en", "zh"], limit=d_cfg.data.limit_eval)
     student_tok = train_wordpiece(tokenizer_corpus(train, ["en", "zh"]), vocab_size=d_cfg.student.vocab_size)
@@ -86,15 +84,7 @@ def run_quickstart(
     t_model = load_teacher(t_path)
 
     # 3. distilled student, from the teacher's outputs cached once for the train split; and 4. its baseline
-    s_overrides.update(
-        {
-            "teacher.name_or_path": t_path,
-            "teacher.source": "cache",
-            "teacher.cache": str(out / "teacher-cache"),
-            "cache.workers": 0,  # the bundled thumbnails preprocess faster in-process than through worker processes
-        }
-    )
-    s_cfg = load_recipe("dcclip", s_overrides)  # validated like any other run's overrides
+    s_cfg = load_recipe("dcclip", distill_overrides(seed, out / "distill", fast, t_path, out / "teacher-cache"))
     student = prepare_student(s_cfg, tokenizer=student_tok, teachers=[t_model])  # projection_dim: teacher
     if student.num_parameters() * 8 > t_model.num_parameters():
         raise ValueError(
@@ -175,6 +165,29 @@ def run_quickstart(
     print(results["summary"], flush=True)
     _say(f"wrote {out / 'results.json'}, {out / 'student'}/ and {out / 'report.md'} in {results['wall_seconds']} s")
     return results
+
+
+def distill_overrides(
+    seed: int,
+    output_dir: str | Path,
+    fast: bool = False,
+    teacher: str | Path | None = None,
+    teacher_cache: str | Path | None = None,
+) -> dict[str, Any]:
+    """The overrides of ``recipes/dcclip.yaml`` the quickstart distils its student with (``benchmarks/`` reuse
+    them): seed, the paired share, and with ``teacher`` its outputs read from ``teacher_cache``."""
+    out = {**(FAST_DATA if fast else {}), "train.seed": seed, "train.progress": True, **(FAST_STUDENT if fast else {})}
+    out.update({"train.output_dir": str(output_dir), "data.paired": PAIRED, "data.split.seed": seed})
+    if teacher is not None:
+        out.update(
+            {
+                "teacher.name_or_path": str(teacher),
+                "teacher.source": "cache",
+                "teacher.cache": str(teacher_cache),
+                "cache.workers": 0,  # the bundled thumbnails preprocess faster in-process than in worker processes
+            }
+        )
+    return out
 
 
 def _fresh(job, student: DualEncoder):
