@@ -3,12 +3,12 @@
 Command:  python benchmarks/gpu_speed.py --size large             (a GPU: ViT-L/14 teacher -> ViT-B/16 student)
           python benchmarks/gpu_speed.py --size large --variants  (also which of compile / fused AdamW / TF32 help)
           python benchmarks/gpu_speed.py --size tiny              (a CPU: the test presets; what the test runs)
-Runtime:  tiny: about 10 s on a CPU. large on a GPU: not measured yet; from the counted FLOPs (287 GFLOP per pair
-          for O), the defaults (batch 256, 20 steps after 5, four measures) take well under a minute at 40% of an
-          H100's peak, plus building the models; ``--variants`` adds two compilations of both models.
-Expected: the targets of issue 15, for ``--size large`` on a GPU: C/O >= 3, C/S >= 0.95, and the student step at
-          >= 40% of the device's dense bf16 peak. No GPU measurement exists yet: the session that wrote this had no
-          device. A CPU run is a smoke test, not a result.
+Runtime:  tiny: about 10 s on a CPU. On one H200 (2026-11-30, torch 2.11.0+cu130; README "Speed on a GPU"):
+          base 28 s; large 37 s to its table, then 137 s for --variants (two compilations); large --compile 69 s.
+Measured: the results and the output of that H200 run are in benchmarks/results/h200-2026-11-30/. Large pair, the
+          defaults (eager, batch 256): F 1,778, S 1,733, O 845, C 1,619 pairs/s; C/O 1.92 (target 3; the FLOP
+          bound is 2.42), C/S 0.934 (target 0.95), student step 21.7% of the bf16 peak (target 40%). With
+          --compile --teacher-dtype bfloat16 at batch 512: C/O 2.13, C/S 0.974, 36.0%. A CPU run is a smoke test.
 
 The teacher and the student are CLIP models built from their published configs with random weights (nothing is
 downloaded; speed does not depend on the weights): ``large`` is OpenAI's ``clip-vit-large-patch14`` (ViT-L/14 at
@@ -537,11 +537,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["targets"]["C_over_O"]["applies_to"] = "--size large"
     else:
         r["targets"] = None  # the targets are for a GPU; a CPU run is a smoke test
+    print_table(r)
+    save(Path(args.output), r)  # saved before the variants: their compilations are the slow part, and may not finish
+    print(f"wrote {args.output} (entry {args.size!r})")
     if args.variants:
         r["variants"] = variants(bench, cuda)
-    print_table(r)
-    save(Path(args.output), r)
-    print(f"wrote {args.output} (entry {args.size!r})")
+        print_variants(r["variants"])
+        save(Path(args.output), r)
+        print(f"wrote {args.output} (entry {args.size!r}, with the variants)")
     return r
 
 
@@ -568,9 +571,12 @@ def print_table(r: dict[str, Any]) -> None:
         f"C/O {r['ratios']['C_over_O']:.3f} (target >= 3 for large; FLOP bound {r['C_over_O_flop_bound']:.2f})   "
         f"C/S {r['ratios']['C_over_S']:.3f} (target >= 0.95)   student step: {step} (target >= 40%)"
     )
-    if r.get("variants"):
+
+
+def print_variants(rows: list[dict[str, Any]]) -> None:
+    if rows:
         print(f"\n{'variant':14} {'S pairs/s':>10} {'x':>6} {'C pairs/s':>10} {'x':>6}  helped")
-        for v in r["variants"]:
+        for v in rows:
             helped = "-" if v["helped"] is None else ("yes" if v["helped"] else "no")
             print(f"{v['name']:14} {v['S']:10.1f} {v['S_speedup']:6.3f} {v['C']:10.1f} {v['C_speedup']:6.3f}  {helped}")
 

@@ -72,6 +72,22 @@ def test_a_run_keeps_the_other_sizes_entries(tiny, tmp_path) -> None:
     assert set(json.loads(out.read_text())) == {"tiny"}
 
 
+def test_the_measures_are_saved_before_the_variants(tmp_path, monkeypatch) -> None:
+    """--variants compiles twice (the slow part on a GPU): the measured entry is on disk before they start."""
+    out = tmp_path / "gpu_speed.json"
+
+    def variants_fail(bench, cuda):
+        assert json.loads(out.read_text())["tiny"]["rates"]["S"] > 0  # already written, without variants
+        raise KeyboardInterrupt("stopped during the variants")
+
+    monkeypatch.setattr(gpu_speed, "variants", variants_fail)
+    argv = ["--size", "tiny", "--steps", "1", "--warmup", "1", "--device", "cpu", "--variants", "--output", str(out)]
+    with pytest.raises(KeyboardInterrupt, match="during the variants"):
+        gpu_speed.main(argv)
+    entry = json.loads(out.read_text())["tiny"]
+    assert "variants" not in entry and set(entry["rates"]) == set("FSOC")
+
+
 @pytest.mark.parametrize(
     ("spec", "published"),
     [("VIT_L14", 427.6e6), ("VIT_B16", 149.6e6), ("VIT_B32", 151.3e6)],  # OpenAI CLIP checkpoints' counts
