@@ -107,6 +107,69 @@ def test_reference_teacher_is_cached_and_retrained_when_its_config_changes(tmp_p
     assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".work-*"))
 
 
+def test_a_rerun_reuses_the_runs_without_the_teacher_and_retrains_the_student(fast_run, tmp_path, capsys):
+    """The baseline and the all-pairs run depend on nothing a rerun changed: reused, as the teacher is; the student
+    is trained again, alone, on the thread count it had beside them, and gives the same numbers."""
+    import shutil
+
+    shutil.copytree(fast_run.parent, tmp_path, dirs_exist_ok=True)  # the run and its teacher; fast_run stays as it is
+    out = tmp_path / fast_run.name
+    before = {
+        name: (out / d / "metrics.jsonl").stat().st_mtime_ns for name, d in (("b", "baseline"), ("a", "all-pairs"))
+    }
+    student_before = (out / "distill" / "metrics.jsonl").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["quickstart", "--fast", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"baseline: reusing {out / 'baseline'}" in printed and f"all_pairs: reusing {out / 'all-pairs'}" in printed
+    threads = qs.side_by_side_threads(3)
+    if threads:  # alone, on the threads it had beside the other two
+        assert f"4/5 training student on {threads} thread(s), as beside them" in printed
+    assert {
+        n: (out / d / "metrics.jsonl").stat().st_mtime_ns for n, d in (("b", "baseline"), ("a", "all-pairs"))
+    } == before
+    assert (out / "distill" / "metrics.jsonl").stat().st_mtime_ns != student_before  # trained again
+    first, again = (json.loads((d / "results.json").read_text()) for d in (fast_run, out))
+    for name in ("student", "baseline", "all_pairs"):
+        assert again[name]["zeroshot"] == first[name]["zeroshot"], name
+
+
+def test_a_run_is_reused_only_with_its_key_and_its_files(tmp_path):
+    from vldistill.config import load_recipe
+    from vldistill.students import build_student
+    from vldistill.tokenization import train_wordpiece
+
+    cfg = load_recipe("dcclip", {"train.output_dir": str(tmp_path / "run")}, tiny=True)
+    tok = train_wordpiece(["a red circle", "a blue square"], 100)
+    torch.manual_seed(0)
+    student = build_student("test-clip", tok)
+    key = qs.training_key(cfg, qs.student_digest(student), 1)
+    assert qs.reusable_run(cfg, key) is None  # nothing there
+    (tmp_path / "run").mkdir()
+    student.save_pretrained(tmp_path / "run" / "student")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert qs.reusable_run(cfg, key) is None  # not recorded as finished
+    qs.record_run(cfg, key, {"output_dir": "elsewhere", "student_dir": "elsewhere/student", "wall_seconds": 3.0})
+    reused = qs.reusable_run(cfg, key)
+    assert reused == {
+        "output_dir": str(tmp_path / "run"),
+        "student_dir": str(tmp_path / "run" / "student"),
+        "wall_seconds": 3.0,
+        "reused": True,
+    }
+    # Whatever the run depends on is in the key: another thread count, other initial weights, another config.
+    assert qs.training_key(cfg, qs.student_digest(student), 2) != key
+    torch.manual_seed(1)
+    assert qs.training_key(cfg, qs.student_digest(build_student("test-clip", tok)), 1) != key
+    other = load_recipe("dcclip", {"train.output_dir": str(tmp_path / "run"), "train.lr": 1e-3}, tiny=True)
+    assert qs.reusable_run(other, qs.training_key(other, qs.student_digest(student), 1)) is None
+    # Where the run is written or how it is shown is not.
+    moved = load_recipe("dcclip", {"train.output_dir": str(tmp_path / "b"), "train.progress": False}, tiny=True)
+    assert qs.training_key(moved, qs.student_digest(student), 1) == key
+    (tmp_path / "run" / "student" / "config.json").unlink()  # its student damaged: trained again
+    assert qs.reusable_run(cfg, key) is None
+
+
 def test_quickstart_refuses_a_teacher_less_than_8x_the_student(tmp_path):
     from vldistill.students import build_student
     from vldistill.tokenization import train_wordpiece

@@ -7,7 +7,9 @@
    teacher's outputs on the train split (built once with the teacher, then read at the speed of the student);
 4. trains the same student architecture without the teacher (contrastive loss only, same initialisation, steps and
    batch size) on the same pairs, and for context on every pair; the three students train side by side, one CPU
-   thread each (:mod:`vldistill.train.side_by_side`: a tiny model cannot use two cores well), logs in ``logs/``;
+   thread each (:mod:`vldistill.train.side_by_side`: a tiny model cannot use two cores well), logs in ``logs/``.
+   The two runs without the teacher are reused by a later run when nothing they depend on changed (their config,
+   the initial weights and tokenizer, the thread count: :func:`training_key`); the student is always trained;
 5. evaluates teacher, student and baseline, prints a table, writes ``results.json``, saves the student in
    Hugging Face format and writes a report with a plot.
 
@@ -105,22 +107,39 @@ def run_quickstart(
     a_cfg = baseline_config(
         load_recipe(raw={**to_dict(s_cfg), "data": {**to_dict(s_cfg.data), "paired": None}}), out / "all-pairs"
     )
-    _say(f"4/5 baseline: the same student without the teacher, on the {n_paired} pairs ({s_cfg.total_steps} steps)")
-    _say(f"4/5 context: the same student without the teacher on all {len(train.dataset)} pairs")
     runs = {"student": (s_cfg, [t_model]), "baseline": (b_cfg, []), "all_pairs": (a_cfg, [])}
+    # Threads for three side by side, also when fewer train: a thread count changes the order of floating-point
+    # additions, and a run trained alone must give what it gives beside the others.
+    threads = side_by_side_threads(len(runs))
+    # The runs without the teacher are reused when nothing they depend on changed (their config, initial weights,
+    # tokenizer, thread count), as the teacher is: a rerun after a change to the distillation retrains the student only.
+    depends = [student_digest(student), threads or torch.get_num_threads(), torch.__version__]
+    keys = {name: training_key(runs[name][0], *depends) for name in ("baseline", "all_pairs")}
+    trained = {name: summary for name, key in keys.items() if (summary := reusable_run(runs[name][0], key))}
+    what = {"baseline": f"on the {n_paired} pairs", "all_pairs": f"on all {len(train.dataset)} pairs (context)"}
+    for name in keys:
+        cfg = runs[name][0]
+        if name in trained:
+            _say(f"4/5 {name}: reusing {cfg.train.output_dir}, trained {what[name]} (delete it to retrain)")
+        else:
+            _say(f"4/5 {name}: the same student without the teacher {what[name]} ({cfg.total_steps} steps)")
     jobs = {
         name: functools.partial(
             fit_recipe, cfg, teachers=ts, student=student, train_data=train, evaluate_after=False, overwrite=True
         )
         for name, (cfg, ts) in runs.items()
+        if name not in trained
     }
-    threads = side_by_side_threads(len(jobs))
     if threads:
-        _say(f"4/5 training the three students side by side, {threads} thread(s) each; logs in {out / 'logs'}/")
+        how = f"side by side, {threads} thread(s) each" if len(jobs) > 1 else f"on {threads} thread(s), as beside them"
+        _say(f"4/5 training {', '.join(jobs)} {how}; logs in {out / 'logs'}/")
     else:  # one after the other, in this process: each from its own copy of the initial student
         jobs = {name: _fresh(job, student) for name, job in jobs.items()}
-    configs = {name: cfg for name, (cfg, _) in runs.items()}
-    trained = run_side_by_side(jobs, out / "logs", threads, poll=lambda: _say(_progress(configs)))
+    configs = {name: runs[name][0] for name in jobs}
+    trained.update(run_side_by_side(jobs, out / "logs", threads, poll=lambda: _say(_progress(configs))))
+    for name, key in keys.items():
+        if not trained[name].get("reused"):
+            record_run(runs[name][0], key, trained[name])
     distill, everything = trained["student"], trained["all_pairs"]
     student = load_student(distill["student_dir"])
     student.save_pretrained(out / "student")
@@ -224,6 +243,56 @@ def _say(msg: str) -> None:
     print(f"[quickstart] {msg}", flush=True)
 
 
+# ------------------------------------------------------------------------------------------- reused runs
+def training_key(cfg: Any, *depends: Any) -> str:
+    """What a training run's result depends on, hashed: the settings of ``cfg`` that differ from their defaults (a
+    field added to vldistill later leaves the key alone), less those that only show or place the run, and
+    ``depends`` (JSON-able: what the config does not say, such as a digest of the initial weights)."""
+    key_src = {k: v for k, v in non_default(cfg).items() if k not in ("tiny", "cache")}
+    shown = ("output_dir", "progress", "tensorboard", "threads")
+    key_src["train"] = {k: v for k, v in key_src.get("train", {}).items() if k not in shown}
+    return hashlib.sha256(json.dumps([key_src, __version__, *depends], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def student_digest(student: DualEncoder) -> str:
+    """A digest of a student's initial weights and its tokenizer's vocabulary: architecture, widths (the teacher's,
+    with ``projection_dim: teacher``), seed and tokenizer in one string."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(student.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    vocab = getattr(student, "tokenizer", None)
+    if vocab is not None:
+        h.update(json.dumps(sorted(vocab.get_vocab().items())).encode())
+    return h.hexdigest()[:16]
+
+
+REUSE_FILE = "quickstart-run.json"  # written last, after the run saved its student: a run without it is retrained
+
+
+def reusable_run(cfg: Any, key: str) -> dict[str, Any] | None:
+    """The summary of a finished run in ``cfg.train.output_dir`` trained with the same ``key``, or None."""
+    out = Path(cfg.train.output_dir)
+    try:
+        record = json.loads((out / REUSE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("key") != key or not (out / "student" / "config.json").is_file():
+        return None
+    if not (out / "metrics.jsonl").is_file():
+        return None
+    return {**record["summary"], "output_dir": str(out), "student_dir": str(out / "student"), "reused": True}
+
+
+def record_run(cfg: Any, key: str, summary: dict[str, Any]) -> None:
+    """Mark the finished run in ``cfg.train.output_dir`` as reusable by a later run with the same ``key``."""
+    out = Path(cfg.train.output_dir)
+    kept = {k: v for k, v in summary.items() if k not in ("output_dir", "student_dir")}
+    tmp = out / f".tmp-{REUSE_FILE}"
+    tmp.write_text(json.dumps({"key": key, "summary": kept}, indent=2) + "\n")
+    os.replace(tmp, out / REUSE_FILE)
+
+
 # --------------------------------------------------------------------------------------------- the teacher
 def reference_teacher(
     train: LabelledData, common: dict[str, Any], fast: bool, cache_root: str | Path
@@ -240,12 +309,7 @@ def reference_teacher_dir(
     what ``--teacher`` names it by) and its training history."""
     overrides = {**common, **(FAST_TEACHER if fast else {})}
     cfg = load_recipe("reference-teacher", overrides)
-    # What the teacher's training depends on: the settings that differ from their defaults (a field added to
-    # vldistill later leaves the key alone), less those that only show or place the run.
-    key_src = {k: v for k, v in non_default(cfg).items() if k not in ("tiny", "cache")}
-    shown = ("output_dir", "progress", "tensorboard", "threads")
-    key_src["train"] = {k: v for k, v in key_src.get("train", {}).items() if k not in shown}
-    key = hashlib.sha256(json.dumps([key_src, __version__], sort_keys=True).encode()).hexdigest()[:12]
+    key = training_key(cfg)
     final = Path(cache_root) / f"reference-{key}"
     if (final / "model" / "config.json").is_file():
         _say(f"2/5 teacher: reusing the reference teacher in {final} (delete it to retrain)")
