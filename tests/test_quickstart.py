@@ -170,6 +170,19 @@ def test_a_run_is_reused_only_with_its_key_and_its_files(tmp_path):
     assert qs.reusable_run(cfg, key) is None
 
 
+def test_the_code_digest_follows_the_sources(tmp_path):
+    """A run trained by other code is not reused, even under the same version number."""
+    import shutil
+    from pathlib import Path
+
+    package = Path(qs.__file__).resolve().parents[1]
+    shutil.copytree(package, tmp_path / "vldistill", ignore=shutil.ignore_patterns("__pycache__", "recipes"))
+    assert qs.code_digest(tmp_path / "vldistill") == qs.code_digest() == qs.code_digest(package)
+    loop = tmp_path / "vldistill" / "train" / "loop.py"
+    loop.write_text(loop.read_text() + "\n# changed\n")
+    assert qs.code_digest(tmp_path / "vldistill") != qs.code_digest()
+
+
 def test_quickstart_refuses_a_teacher_less_than_8x_the_student(tmp_path):
     from vldistill.students import build_student
     from vldistill.tokenization import train_wordpiece

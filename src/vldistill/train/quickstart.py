@@ -9,7 +9,8 @@
    batch size) on the same pairs, and for context on every pair; the three students train side by side, one CPU
    thread each (:mod:`vldistill.train.side_by_side`: a tiny model cannot use two cores well), logs in ``logs/``.
    The two runs without the teacher are reused by a later run when nothing they depend on changed (their config,
-   the initial weights and tokenizer, the thread count: :func:`training_key`); the student is always trained;
+   the initial weights and tokenizer, the thread count, vldistill's code: :func:`training_key`); the student is
+   always trained;
 5. evaluates teacher, student and baseline, prints a table, writes ``results.json``, saves the student in
    Hugging Face format and writes a report with a plot.
 
@@ -112,8 +113,9 @@ def run_quickstart(
     # additions, and a run trained alone must give what it gives beside the others.
     threads = side_by_side_threads(len(runs))
     # The runs without the teacher are reused when nothing they depend on changed (their config, initial weights,
-    # tokenizer, thread count), as the teacher is: a rerun after a change to the distillation retrains the student only.
-    depends = [student_digest(student), threads or torch.get_num_threads(), torch.__version__]
+    # tokenizer, thread count, code), as the teacher is: a rerun after a change to the distillation recipe retrains the
+    # student only.
+    depends = [student_digest(student), threads or torch.get_num_threads(), torch.__version__, code_digest()]
     keys = {name: training_key(runs[name][0], *depends) for name in ("baseline", "all_pairs")}
     trained = {name: summary for name, key in keys.items() if (summary := reusable_run(runs[name][0], key))}
     what = {"baseline": f"on the {n_paired} pairs", "all_pairs": f"on all {len(train.dataset)} pairs (context)"}
@@ -264,6 +266,17 @@ def student_digest(student: DualEncoder) -> str:
     vocab = getattr(student, "tokenizer", None)
     if vocab is not None:
         h.update(json.dumps(sorted(vocab.get_vocab().items())).encode())
+    return h.hexdigest()[:16]
+
+
+def code_digest(root: str | Path | None = None) -> str:
+    """A digest of vldistill's Python sources (``root``: the package's directory): a run trained by other code is
+    not reused, also when the version number did not change (a checkout being worked on)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
