@@ -31,12 +31,11 @@ Default sizes: every training item of each task (VQA 38,575 questions, entailmen
 4,000 items; 1% of them is 385 / 120 / 40), 150 steps per run at batch 16 (VQA, entailment) or 4 (multiple choice:
 4 candidates each, and with rationales half the samples are QA->R), MAD's adaptation 20 steps at batch 32 (at most
 the regime's adaptation pairs), the first 300 test items of each task, one CPU thread (``--threads``). At 50 steps
-every method stayed at chance; 300 steps did not fit. Measured 2026-11-30 (``runs/bench/task_distill.json``): run as
-three processes, one per task, then ``--merge``, while the VLKD benchmark and the test suite shared the two cores,
-from 06:48 to about 08:00; the per-run wall times add up to about 147 minutes of one (busy) core. On an idle machine,
-two processes (``--tasks vqa entailment`` and ``--tasks multiple_choice``) should take about half of that; that
-run was not made, so the 60-minute limit is not shown. Two threads on a busy machine were about 6 times slower per
-step than one, hence ``--threads 1``.
+every method stayed at chance; 300 steps did not fit. Measured 2026-11-30 (``runs/bench/task_distill.json``, nothing
+else running): three processes, one per task (``--tasks vqa``, ``--tasks entailment``, ``--tasks multiple_choice``,
+each with its own ``--output``), then ``--merge``: 35 min 37 s wall for the whole benchmark (the processes took 2,126,
+1,858 and 2,137 s). Two threads on a busy machine were about 6 times slower per step than one, hence
+``--threads 1``.
 """
 
 from __future__ import annotations
