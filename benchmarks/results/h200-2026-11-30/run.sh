@@ -33,3 +33,5 @@ echo "done in $(( $(date +%s) - t0 )) s"
 # The machine had no easy-vqa or braceexpand (imported by vldistill) and transformers 5.17.0: their wheels (and
 # transformers 5.24.0, the version the tests here use, with regex) were carried in .whl/ and installed with
 # pip --target, as the device tool's notes describe.
+# 18:56 UTC, a fresh machine: the --compile run twice (timeout 95 s each) to repeat C/S; the first timed out while
+# compiling on the cold machine, the second wrote gpu_speed_compile_repeat.json.
