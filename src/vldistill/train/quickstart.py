@@ -118,7 +118,7 @@ def run_quickstart(
     depends = [student_digest(student), threads or torch.get_num_threads(), torch.__version__, code_digest()]
     keys = {name: training_key(runs[name][0], *depends) for name in ("baseline", "all_pairs")}
     trained = {name: summary for name, key in keys.items() if (summary := reusable_run(runs[name][0], key))}
-    what = {"baseline": f"on the {n_paired} pairs", "all_pairs": f"on all {len(train.dataset)} pairs (context)"}
+    what = {"baseline": f"on the {n_paired} pairs", "all_pairs": f"on all {len(train.dataset)} pairs, for context"}
     for name in keys:
         cfg = runs[name][0]
         if name in trained:
@@ -290,9 +290,7 @@ def reusable_run(cfg: Any, key: str) -> dict[str, Any] | None:
         record = json.loads((out / REUSE_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if record.get("key") != key or not (out / "student" / "config.json").is_file():
-        return None
-    if not (out / "metrics.jsonl").is_file():
+    if record.get("key") != key or not all((out / f).is_file() for f in ("student/config.json", "metrics.jsonl")):
         return None
     return {**record["summary"], "output_dir": str(out), "student_dir": str(out / "student"), "reused": True}
 
