@@ -11,14 +11,19 @@ prints zero-shot top-1 (English, Chinese) on the bundled test split per seed and
 - ``s2_text``: stage 2 trains the text tower only;
 - ``s2_crd``: stage 2 adds ``crd`` (the teacher's in-batch image-text distribution) to its ``clip`` loss;
 - ``fd_cosine``: stage 1's feature distillation with the cosine distance instead of smooth L1;
-- ``no_s2``: no stage 2, stage 1 for all the steps (not DC-CLIP any more: for reference).
+- ``no_s2``: no stage 2, stage 1 for all the steps (not DC-CLIP any more: for reference);
+- ``no_texts``: no free texts (``data.texts`` empty: stage 1's term on them is left out; the tokenizer stays the
+  one trained with them, so that only the term differs);
+- ``s1_steps=N``: stage 1 for N steps.
+
+Variants joined with ``+`` apply in turn (``no_texts+s1_steps=350``: the recipe before free texts came in).
 
 Usage::
 
     python benchmarks/quickstart_seeds.py --teacher-per-seed          # first: teachers and caches per seed
     python benchmarks/dcclip_stage2.py --variants recipe s2_lr=5e-5 no_s2
 
-About 2.7 minutes per variant on a 2-core CPU (three 400-step trainings side by side, then evaluation).
+About 3.5 minutes per variant on a 2-core CPU (three 600-step trainings side by side, then evaluation).
 """
 
 from __future__ import annotations
@@ -38,17 +43,22 @@ import torch
 
 from vldistill.config import load_recipe, to_dict
 from vldistill.data.sources import load_data
+from vldistill.data.texts import load_free_texts
 from vldistill.evaluation import evaluate
 from vldistill.models import load_teacher
 from vldistill.students import load_student, prepare_student
 from vldistill.tokenization import train_wordpiece
 from vldistill.train.fit import fit_recipe, tokenizer_corpus
-from vldistill.train.quickstart import distill_overrides
+from vldistill.train.quickstart import FREE_TEXTS, distill_overrides
 from vldistill.train.side_by_side import run_side_by_side
 
 
 def variant_config(raw: dict[str, Any], variant: str) -> dict[str, Any]:
-    """The recipe (as ``to_dict`` gives it) changed as the variant's name says."""
+    """The recipe (as ``to_dict`` gives it) changed as the variant's name says (``a+b``: each in turn)."""
+    if "+" in variant:
+        for part in variant.split("+"):
+            raw = variant_config(raw, part)
+        return raw
     stages = raw["stages"]
     if variant == "recipe":
         pass
@@ -61,6 +71,10 @@ def variant_config(raw: dict[str, Any], variant: str) -> dict[str, Any]:
     elif variant == "fd_cosine":
         for loss in stages[0]["losses"]:
             loss["options"]["norm"] = "cosine"
+    elif variant == "no_texts":
+        raw["data"]["texts"] = {}
+    elif variant.startswith("s1_steps="):
+        stages[0]["steps"] = int(variant.split("=", 1)[1])
     elif variant == "no_s2":
         stages[0]["steps"] += stages[1]["steps"]
         raw["stages"] = stages[:1]
@@ -98,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     teachers = teachers_by_seed(work, args.seeds)
     train = load_data("bundled:easyvqa", "train", ["en", "zh"])
     eval_set = load_data("bundled:easyvqa", "test", ["en", "zh"]).eval_set(["en", "zh"])
+    free = load_free_texts(FREE_TEXTS)  # the quickstart's tokenizer: captions, class names, templates, free texts
     tokenizer = train_wordpiece(
-        tokenizer_corpus(train, ["en", "zh"]), vocab_size=load_recipe("dcclip").student.vocab_size
+        tokenizer_corpus(train, ["en", "zh"], free), vocab_size=load_recipe("dcclip").student.vocab_size
     )
     loaded = {seed: load_teacher(str(path)) for seed, path in teachers.items()}
     results: dict[str, Any] = {}

@@ -54,7 +54,7 @@ def test_smoke_run_writes_one_entry_per_objective(tmp_path, ablation):
 
 def test_objective_steps_are_split_like_the_recipe(ablation, tmp_path):
     cfg = ablation.run_config("dcclip", 200, 128, 1, tmp_path, {})
-    assert [s.steps for s in cfg.stages] == [175, 25]  # dcclip.yaml's 350:50
+    assert [s.steps for s in cfg.stages] == [183, 17]  # dcclip.yaml's 550:50
     assert cfg.train.seed == 1 and cfg.train.batch_size == 128
     cfg = ablation.run_config("two_teachers", 200, 64, 0, tmp_path, {})
     assert len(cfg.teachers) == 2 and cfg.total_steps == 200 and cfg.train.batch_size == 64

@@ -63,3 +63,16 @@ def test_unknown_variant_and_missing_runs_are_named(tmp_path):
     setup = {"setup": {"teacher": "reference (trained by the quickstart on all 4000 pairs): runs/t/reference-1/model"}}
     (tmp_path / "seed0" / "results.json").write_text(json.dumps(setup))
     assert bench.teachers_by_seed(tmp_path, [0]) == {0: Path("runs/t/reference-1/model")}
+
+
+def test_free_text_and_stage1_step_variants_combine():
+    raw = _recipe()
+    raw["data"]["texts"] = {"en": ["bundled:easyvqa-questions"]}  # as the quickstart gives it
+    no_texts = bench.variant_config(json.loads(json.dumps(raw)), "no_texts")
+    assert no_texts["data"]["texts"] == {} and no_texts["stages"] == raw["stages"]
+    both = bench.variant_config(json.loads(json.dumps(raw)), "no_texts+s1_steps=350")
+    assert both["data"]["texts"] == {} and both["stages"][0]["steps"] == 350
+    assert _without(both, (0, "steps")) == _without(no_texts, (0, "steps"))
+    load_recipe(raw=both)
+    with pytest.raises(ValueError, match="unknown variant 'nope'"):
+        bench.variant_config(_recipe(), "no_texts+nope")

@@ -52,6 +52,8 @@ def make_dataset(root: Path) -> list[tuple[str, str]]:
     en = ", ".join(f"{c} {s}" for c, s in classes)
     zh = ", ".join(f"{COLOURS[c][1]}的{SHAPES[s]}" for c, s in classes)
     (root / "my" / "classes.yaml").write_text(f"en: [{en}]\nzh: [{zh}]\n", encoding="utf-8")
+    free = [f"is there a {c} shape?" for c in COLOURS] + [f"where is the {s}?" for s in SHAPES]
+    (root / "my" / "texts.txt").write_text("\n".join(free) + "\n", encoding="utf-8")
     return classes
 
 
@@ -70,6 +72,7 @@ def test_the_readme_commands_run_on_a_users_labelled_data(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert re.search(r"embedding width \d+ \(teacher: \d+\)", out), "fit prints the widths"
     assert "gain: student - baseline" in out
+    assert "free texts: 7 texts.en (data.texts), per micro-batch: 64 in stages.0" in out
     # the teacher was exported and scored as the teacher; the student run compares the three
     assert (tmp_path / "runs/my-teacher/teacher/config.json").is_file()
     assert "teacher" in json.loads((tmp_path / "runs/my-teacher/eval.json").read_text())

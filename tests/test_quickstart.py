@@ -11,6 +11,7 @@ from transformers import AutoModel, CLIPModel, pipeline
 
 from vldistill.cli import main
 from vldistill.data.sources import load_data
+from vldistill.data.texts import load_free_texts
 from vldistill.evaluation import evaluate_zeroshot
 from vldistill.models import DualEncoder
 from vldistill.train import quickstart as qs
@@ -46,6 +47,7 @@ def test_results_json_has_the_documented_shape(fast_run):
     setup = results["setup"]
     assert setup["paired_samples"] == round(0.1 * setup["train_samples"])
     assert setup["paired_samples"] + setup["unpaired_samples"] == setup["train_samples"]
+    assert setup["free_texts"] == len(load_free_texts({"en": ["bundled:easyvqa-questions"]}))  # texts alone
     assert results["all_pairs"]["params"] == results["student"]["params"]
     # the closing sentence is computed from the run
     s_en, t_en = results["student"]["zeroshot"]["en"]["top1"], results["teacher"]["zeroshot"]["en"]["top1"]
@@ -59,7 +61,7 @@ def test_outputs_report_and_training_logs(fast_run):
     assert "teacher" in report and "baseline" in report and "report.png" in report
     distill_rows = [json.loads(x) for x in (fast_run / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in distill_rows} == {"distill", "align"}
-    assert any("fd_image" in r and "xling" in r for r in distill_rows)
+    assert any("fd_image" in r and "xling" in r and "fd_text_texts_en" in r for r in distill_rows)
     baseline_rows = [json.loads(x) for x in (fast_run / "baseline" / "metrics.jsonl").read_text().splitlines()]
     assert all("fd_image" not in r for r in baseline_rows) and all("clip" in r for r in baseline_rows)
 

@@ -102,6 +102,9 @@ class Collator:
         self.views = views
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        free = [s for s in samples if "free_text" in s]  # free texts (data.texts): text fields of their own
+        if free:
+            samples = [s for s in samples if "free_text" not in s]
         images = [s["image"] for s in samples]
         if self.views is not None:
             images = [
@@ -114,8 +117,15 @@ class Collator:
         missing = [f for f in fields if f not in texts]
         if missing:
             raise ValueError(f"the batch's samples have no text field {missing}; they have {sorted(per_sample[0])}")
+        free_texts: dict[str, list[str]] = {}
+        free_rows: dict[str, list[int]] = {}
+        for s in free:
+            free_texts.setdefault(s["free_field"], []).append(s["free_text"])
+            free_rows.setdefault(s["free_field"], []).append(s["free_index"])
+        if free and not self.dual:
+            raise ValueError("free texts (data.texts) train a dual encoder's text tower; this student is not one")
         if self.dual:
-            student = self.student(images, texts, self.languages)
+            student = self.student(images, {**texts, **free_texts}, self.languages + sorted(free_texts))
         else:
             student = self.student([{**s, "image": img} for s, img in zip(samples, images, strict=True)])
         batch = {
@@ -129,6 +139,8 @@ class Collator:
                 proc(images, texts, langs) for proc, langs in zip(self.teachers, self.teacher_languages, strict=True)
             ],
         }
+        if free:  # their teacher embeddings are read by row from a table computed before training
+            batch["texts"] = {f: torch.tensor(rows) for f, rows in sorted(free_rows.items())}
         return batch
 
 

@@ -156,6 +156,12 @@ class DataConfig:
     templates: dict[str, list[str]] = field(default_factory=dict)
     """Zero-shot prompt templates per language (each with ``{}``), or the path of a YAML/JSON file holding them;
     default ``a photo of a {}.`` (English), ``一张{}的照片。`` (Chinese)."""
+    texts: dict[str, list[str]] = field(default_factory=dict)
+    """Texts without images (free texts) per language, which stages with ``texts: N`` add to their micro-batches
+    as the text field ``texts.LANG`` (read by a loss with ``lang: texts.en``): a teacher embeds them once before
+    training, so a student's text tower may learn from far more text than its captions. Each source is a ``.txt``
+    file (one text per line), a ``.jsonl`` file (a ``text`` per line) or ``bundled:easyvqa-questions`` (the distinct
+    English questions of easy-vqa's train split), e.g. ``{en: [bundled:easyvqa-questions, more.txt]}``."""
     task: Literal["pairs", "vqa", "entailment", "multiple_choice"] = "pairs"
     """The kind of samples ``train`` and ``eval`` hold: image-text ``pairs`` (zero-shot classification and retrieval),
     ``vqa``, ``entailment`` or ``multiple_choice`` (task data: see the README's "Data formats"). For task data,
@@ -187,6 +193,9 @@ class DataConfig:
             )
         if self.shuffle_buffer < 0:
             raise ConfigError(f"shuffle_buffer = {self.shuffle_buffer}: give 0 (no buffer) or a number of samples")
+        for lang, sources in self.texts.items():
+            if not sources:
+                raise ConfigError(f"texts.{lang} = []: give at least one source, or leave the language out")
         p = self.paired
         if p is not None and (isinstance(p, bool) or p <= 0 or (p > 1 and p != int(p))):
             raise ConfigError(f"paired = {p!r}: give a count of samples (> 1), a fraction in (0, 1], or null for all")
@@ -227,8 +236,19 @@ class StageConfig:
     """Which training samples the stage draws: ``paired``, the samples whose image-caption pairing the run may use
     (``data.paired``); ``all``, every training sample, as images alone and captions alone: only losses that never
     compare an image with a text may then be used (``fd``, ``mfd``, ``xling``), which is checked before training."""
+    texts: int = 0
+    """Free texts (``data.texts``) added to every micro-batch of a ``samples: all`` stage, drawn in a seeded order
+    of their own; they form the text fields ``texts.LANG``. A loss term that reads such a field is left out (with a
+    notice) when the run has no ``data.texts``, so a recipe may declare it and still run on captions alone."""
 
     def __post_init__(self):
+        if self.texts < 0:
+            raise ConfigError(f"texts = {self.texts}: give 0 (none) or a number of free texts (stage {self.name!r})")
+        if self.texts and self.samples != "all":
+            raise ConfigError(
+                f"texts = {self.texts}: free texts are unpaired data, for stages with samples: all (stage "
+                f"{self.name!r} has samples: {self.samples})"
+            )
         if self.steps < 1:
             raise ConfigError(f"steps = {self.steps}: must be at least 1 (stage {self.name!r})")
         if not self.losses:

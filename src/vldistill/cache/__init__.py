@@ -16,6 +16,8 @@ A cache is a directory::
     manifest.json               what was cached, from what and how; the complete shards; ``complete: true`` at the end
     shard-00000.safetensors     rows [0, S) of the dataset
     shard-00001.safetensors     rows [S, 2S), ...
+    texts-KEY.safetensors       the teachers' embeddings of a recipe's free texts (``data.texts``), when it has any:
+                                ``t{k}`` ``[M, d]``, keyed by the teachers and the texts (:mod:`.texts`)
 
 A shard of ``n`` rows holds (``k``: teacher number, ``K``: views, ``field``: a text field the teacher embeds, see
 :func:`~vldistill.batching.teacher_texts`: a caption language such as ``en``, or ``question``, ``qa``,

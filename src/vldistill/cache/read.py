@@ -215,6 +215,10 @@ class CachedTeachers:
             )
         return _RowTable(n, self.manifest["shard_rows"], np.array(found, dtype=np.int64).reshape(n, 2))
 
+    def teacher_entries(self) -> list[dict[str, Any]]:
+        """The manifest's entries of the run's teachers, in the run's order (what identifies their outputs)."""
+        return [self.manifest["teachers"][k] for k in self._columns]
+
     def where(self, index: Tensor, teacher: int = 0) -> str:
         """The shard files and rows that hold the cached outputs of dataset rows ``index`` (for error messages)."""
         rows = index.cpu().numpy()

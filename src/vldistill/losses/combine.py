@@ -139,7 +139,7 @@ def build_stage_loss(stage: StageConfig, dims: Dims, stage_index: int) -> Weight
 
 def _label(name: str, options: dict[str, Any]) -> str:
     parts = [name] + [str(options[k]) for k in ("tower", "lang") if k in options]
-    return "_".join(parts)
+    return "_".join(parts).replace(".", "_")  # a field such as texts.en: labels hold no '.'
 
 
 def stage_needs(stage: StageConfig, stage_index: int) -> list[tuple[str, frozenset[str]]]:

@@ -22,6 +22,7 @@ from ..config import ConfigError, DataConfig, EvalConfig, RecipeConfig, load_rec
 from ..data.sources import LabelledData, load_data, load_stream, load_task_data, streams
 from ..data.splits import apply_split
 from ..data.streaming import StreamRows
+from ..data.texts import FreeTexts, load_free_texts
 from ..evaluation import agreement, evaluate, mean_cosine
 from ..export.card import write_student_card
 from ..files import disk_errors, follow_umask
@@ -29,7 +30,7 @@ from ..models import DualEncoder, Teacher, load_teacher, prepare_teachers
 from ..students import load_student, prepare_student
 from ..tasks import get_task
 from ..tasks.predict import task_predictor
-from .loop import FitResult, Trainer, open_run
+from .loop import FitResult, Trainer, free_text_tables, open_run
 
 
 def _load_split(cfg: DataConfig, source: str, split: str, languages: Sequence[str], limit: int | None) -> LabelledData:
@@ -118,9 +119,9 @@ def _unsplit_train(cfg: DataConfig, train: LabelledData) -> Any:
     return _load_split(cfg, cfg.train, cfg.train_split, cfg.languages, cfg.limit_train).dataset
 
 
-def tokenizer_corpus(data: LabelledData, languages: Sequence[str]) -> list[str]:
-    """Captions (or, for task data, every text a teacher would embed and the answers), class names and templates:
-    the text a trained tokenizer must cover."""
+def tokenizer_corpus(data: LabelledData, languages: Sequence[str], free_texts: FreeTexts | None = None) -> list[str]:
+    """Captions (or, for task data, every text a teacher would embed and the answers), class names, templates and
+    the free texts (``data.texts``) of image-text pairs: the text a trained tokenizer must cover."""
     if getattr(data.dataset, "streaming", False):  # a stream: its first captions (a bounded corpus), no image read
         return data.dataset.captions(languages, STREAM_CORPUS)
     if not hasattr(data.dataset, "languages"):  # task data: questions, hypotheses, candidates, answers
@@ -132,7 +133,7 @@ def tokenizer_corpus(data: LabelledData, languages: Sequence[str]) -> list[str]:
     corpus = [s.captions[lang] for s in data.dataset.samples for lang in languages if lang in s.captions]
     for lang in languages:
         corpus += data.classnames.get(lang, []) + [t.replace("{}", "") for t in data.templates.get(lang, [])]
-    return corpus
+    return corpus + (free_texts.texts if free_texts is not None else [])
 
 
 STREAM_CORPUS = 100_000
@@ -206,15 +207,16 @@ def _fit_owned(
             teachers = prepare_teachers(cfg)
     else:
         teachers = prepare_teachers(cfg, teachers)
+    free = load_free_texts(cfg.data.texts) if cfg.data.texts and any(s.texts for s in cfg.stages) else None
     if student is None:
-        corpus = tokenizer_corpus(train_data, cfg.data.languages)
+        corpus = tokenizer_corpus(train_data, cfg.data.languages, free)
         if resume and (Path(cfg.train.output_dir) / "student-init").is_dir():
             student = load_student(Path(cfg.train.output_dir) / "student-init")
         else:
             answers = getattr(train_data.dataset, "answers", None)
             dims = [t.dims for t in teachers] or list(getattr(teacher_source, "dims", ()))
             student = prepare_student(cfg, corpus, teachers=teachers, answers=answers, teacher_dims=dims)
-    trainer = Trainer(cfg, student, train_set, teachers, teacher_source)
+    trainer = Trainer(cfg, student, train_set, teachers, teacher_source, (free, None) if free is not None else None)
     trainer._print(_widths(student, trainer.dims.teachers))
     main = trainer.accelerator.is_main_process  # several processes: only the main one writes and evaluates
     init_dir = Path(cfg.train.output_dir) / "student-init"
@@ -305,7 +307,18 @@ def cache_recipe(
         return build_recipe_cache(cfg, prepare_teachers(cfg, teachers), rows, directory, rebuild=rebuild)
     train_data = train_data or load_train_data(cfg.data)
     teachers = prepare_teachers(cfg, teachers)
-    return build_recipe_cache(cfg, teachers, training_samples(train_data.dataset), directory, rebuild=rebuild)
+    rows = training_samples(train_data.dataset)
+    result = build_recipe_cache(cfg, teachers, rows, directory, rebuild=rebuild)
+    if cfg.data.texts and any(s.texts for s in cfg.stages):  # the free texts' table beside the shards
+        from ..cache import CachedTeachers, recipe_fields, recipe_identities
+
+        free = load_free_texts(cfg.data.texts)
+        source = CachedTeachers(
+            directory, rows, recipe_identities(cfg, teachers), recipe_fields(cfg, rows, teachers), cfg.cache
+        )
+        free_text_tables(cfg, free, teachers, source)
+        result["free_texts"] = len(free)
+    return result
 
 
 EVAL_BATCH_SIZE = EvalConfig().batch_size

@@ -38,6 +38,7 @@ This module sits on top of the library: nothing in ``vldistill`` imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -59,16 +60,24 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..batching import Collator, LiveTeachers, TeacherSource, teacher_texts
+from ..cache.texts import (
+    FreeTextTable,
+    free_text_file,
+    free_text_table,
+    load_free_text_tables,
+    save_free_text_tables,
+)
 from ..config import ConfigError, RecipeConfig, StageConfig
 from ..data.splits import paired_indices
+from ..data.texts import FIELD_PREFIX, FreeTexts, free_fields_of, load_free_texts
 from ..files import disk_errors, write_bytes, write_text
 from ..files import save_safetensors as save_file  # atomic, with the umask's mode, a full disk named by file
 from ..losses import WeightedLoss, build_stage_loss, check_needs, check_unpaired, stage_needs
-from ..models import DualEncoder, Teacher
+from ..models import DualEncoder, Teacher, prepare_teachers
 from ..outputs import Dims
 from ..students import STUDENT_OUTPUTS, set_trainable
 from .rundir import RunDirectory, RunError, _complete_checkpoint, open_run
-from .sampling import StageSampler, _Subset, _WithViews
+from .sampling import StageSampler, _Subset, _WithTexts, _WithViews
 from .step import DistillModule, NonFiniteError, gather_outputs
 
 # The loop's public names, with those of its parts (``rundir``, ``sampling``, ``step``) that callers reach through it.
@@ -145,6 +154,7 @@ class Trainer:
         train_data,
         teachers: Sequence[Teacher] = (),
         teacher_source: TeacherSource | None = None,
+        free_texts: tuple[FreeTexts, list[FreeTextTable]] | None = None,
     ):
         self.cfg = config
         self.student = student
@@ -192,6 +202,10 @@ class Trainer:
         missing = [lang for lang in config.data.languages if lang not in getattr(train_data, "languages", [lang])]
         if missing:
             raise ConfigError(f"data.languages: the training data has no captions in {missing}")
+        self.free: FreeTexts | None = None  # free texts (data.texts) and each teacher's embeddings of them
+        self.free_tables: list[FreeTextTable] = []
+        if any(s.texts or free_terms(s) for s in config.stages):
+            config = self.cfg = self._setup_free_texts(config, free_texts)
         # Fail now, not after the earlier stages trained: what each loss needs is declared statically and compared
         # with what the student kind and the teacher source provide.
         check_needs(config.stages, student.provides, student.kind, STUDENT_OUTPUTS)
@@ -207,6 +221,60 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # the options' values (checked by the losses) fail now too
             for i, stage in enumerate(config.stages):
                 build_stage_loss(stage, self.dims, i)
+
+    # ------------------------------------------------------------------------------------------ free texts
+    def _setup_free_texts(self, config: RecipeConfig, given) -> RecipeConfig:
+        """Check the stages' use of free texts and embed them with the teachers (or read the cache's tables).
+        Without ``data.texts`` the terms that read them are left out, with a notice."""
+        if not config.data.texts:
+            dropped, stages = [], []
+            for i, stage in enumerate(config.stages):
+                keep = [t for t in stage.losses if not free_terms_of(t)]
+                dropped += [f"stages.{i}.losses.{j} ({t.name} on {free_terms_of(t)})" for j, t in free_terms(stage)]
+                if not keep:
+                    raise ConfigError(f"stages.{i}: every loss reads free texts (texts.*), but data.texts is empty")
+                stages.append(dataclasses.replace(stage, texts=0, losses=keep))
+            if dropped:
+                self._print(f"no data.texts: left out {', '.join(dropped)}; give free texts to use them")
+            return dataclasses.replace(config, stages=stages)
+        n_proc = self.accelerator.num_processes
+        for i, stage in enumerate(config.stages):
+            for j, term in free_terms(stage):
+                fields = free_terms_of(term)
+                if not stage.texts:
+                    raise ConfigError(
+                        f"stages.{i}.losses.{j} ({term.name}) reads {fields}, but stages.{i}.texts is 0: set how many "
+                        "free texts each micro-batch holds"
+                    )
+                unknown = [f for f in fields if f.removeprefix(FIELD_PREFIX) not in config.data.texts]
+                if unknown:
+                    raise ConfigError(
+                        f"stages.{i}.losses.{j} ({term.name}) reads {unknown}, but data.texts has languages "
+                        f"{sorted(config.data.texts)}"
+                    )
+                if term.options.get("level", "pooled") != "pooled":
+                    raise ConfigError(f"stages.{i}.losses.{j} ({term.name}): free texts give pooled embeddings only")
+            if stage.texts % n_proc:
+                raise ConfigError(
+                    f"stages.{i}.texts = {stage.texts}: free texts are split evenly over the {n_proc} processes; give "
+                    f"a multiple of {n_proc}"
+                )
+        if getattr(self.data, "streaming", False):
+            raise ConfigError(
+                f"data.texts: free texts are drawn beside samples chosen by index; the training data "
+                f"({self.data.source}) is streamed: set data.streaming: false to read it map-style"
+            )
+        if not isinstance(self.student, DualEncoder):
+            raise ConfigError("data.texts: free texts train a dual encoder's text tower; this student is not one")
+        free, tables = given if given is not None else (load_free_texts(config.data.texts), None)
+        self.free = free
+        self.free_tables = (
+            tables if tables is not None else free_text_tables(config, free, self.teachers, self.teacher_source)
+        )
+        counts = ", ".join(f"{n} {field}" for field, n in free.counts().items())
+        per = ", ".join(f"{s.texts} in stages.{i}" for i, s in enumerate(config.stages) if s.texts)
+        self._print(f"free texts: {counts} (data.texts), per micro-batch: {per}")
+        return config
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, module: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
@@ -322,7 +390,8 @@ class Trainer:
             ckpt = None
         loss = build_stage_loss(stage, self.dims, index)
         set_trainable(self.student, stage.trainable, f"stages.{index}.trainable")  # checked in __init__
-        module = DistillModule(self.student, loss, self.teacher_source, self._teacher_names())
+        free = self.free_tables if stage.texts else ()
+        module = DistillModule(self.student, loss, self.teacher_source, self._teacher_names(), free)
         module.to(acc.device)  # where Accelerate would put it: the optimiser is built on the device (fused on CUDA)
         optimizer = make_optimizer(module, stage.lr or cfg.train.lr, cfg.train.weight_decay)
         scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, stage.steps)
@@ -345,7 +414,7 @@ class Trainer:
             module, optimizer = acc.prepare(module, optimizer)
         else:
             module, optimizer, batches = self._map_batches(
-                module, optimizer, data, index, stage.steps * ga, start_step * ga, collate, views
+                module, optimizer, data, index, stage.steps * ga, start_step * ga, collate, views, stage.texts
             )
         module.train()
         bar = tqdm(
@@ -410,10 +479,11 @@ class Trainer:
                 acc.wait_for_everyone()
         bar.close()
 
-    def _map_batches(self, module, optimizer, data, stage: int, total: int, start: int, collate, views):
+    def _map_batches(self, module, optimizer, data, stage: int, total: int, start: int, collate, views, texts=0):
         """A map-style dataset's micro-batches (:class:`StageSampler`), prepared by Accelerate with the module and
-        optimiser (each process gets its part of every global batch)."""
+        optimiser (each process gets its part of every global batch); ``texts`` free texts in each."""
         cfg = self.cfg
+        free = (texts, len(self.free)) if texts else None
         sampler = StageSampler(
             len(data),
             cfg.train.batch_size,
@@ -423,7 +493,11 @@ class Trainer:
             start,
             views.count if views is not None else 1,
             epochs=hasattr(collate.student, "set_epoch"),  # span corruption by epoch: the sample carries it
+            texts=free,
+            pieces=self.accelerator.num_processes,
         )
+        if free is not None:
+            data = _WithTexts(data, self.free)
         # The loader's own generator: starting an iterator would otherwise draw from the global RNG, so a resumed run
         # (which restores the RNG before that draw) would see different dropout than an uninterrupted one.
         loader = torch.utils.data.DataLoader(
@@ -567,6 +641,39 @@ def compile_towers(student: nn.Module) -> list[nn.Module]:
     for tower in towers:
         tower.compile()
     return towers
+
+
+def free_terms_of(term) -> list[str]:
+    """The free-text fields (``texts.LANG``) a loss term reads."""
+    keys = ("lang", "teacher_lang", "langs", "target_lang")
+    return [f for k in keys for f in free_fields_of(term.options.get(k))]
+
+
+def free_terms(stage: StageConfig) -> list[tuple[int, Any]]:
+    """The stage's loss terms that read free texts, with their positions."""
+    return [(j, t) for j, t in enumerate(stage.losses) if free_terms_of(t)]
+
+
+def free_text_tables(cfg: RecipeConfig, free: FreeTexts, teachers: Sequence[Teacher], source) -> list[FreeTextTable]:
+    """Each teacher's embeddings of the free texts: read from the teacher cache when it holds them, else computed
+    with the loaded teachers (loading them when the run reads a cache without them) and stored in the cache."""
+    entries = source.teacher_entries() if hasattr(source, "teacher_entries") else None
+    langs = [list(t.languages) for t in cfg.teachers]
+    path = None
+    if entries is not None:
+        path = free_text_file(source.directory, entries, langs, free)
+        tables = load_free_text_tables(path, len(entries), len(free))
+        if tables is not None:
+            return tables
+    teachers = list(teachers) or prepare_teachers(cfg)
+    names = [tc.name_or_path or f"teacher {j}" for j, tc in enumerate(cfg.teachers)]
+    tables = [
+        free_text_table(t, free, getattr(t, "languages", lang), name=name)
+        for t, lang, name in zip(teachers, langs, names, strict=True)
+    ]
+    if path is not None:
+        save_free_text_tables(path, tables)
+    return tables
 
 
 def _teacher_langs(teacher: Teacher, cfg: RecipeConfig) -> list[str]:

@@ -37,6 +37,7 @@ from ..cache import build_recipe_cache
 from ..config import load_recipe, non_default, to_dict
 from ..data.sources import LabelledData, load_data
 from ..data.splits import paired_indices
+from ..data.texts import load_free_texts
 from ..evaluation import agreement, evaluate
 from ..export.card import write_student_card
 from ..models import DualEncoder, Teacher, load_teacher
@@ -54,6 +55,10 @@ FAST_STUDENT = {"stages.0.steps": 30, "stages.1.steps": 20, "train.batch_size": 
 # small captioned set beside many images and captions a user has for free (DC-CLIP's stage 1 is unimodal). The
 # teacher stands for a large pretrained CLIP and has seen every pair.
 PAIRED = 0.1
+# Text a user has for free besides captions: the 107 distinct questions of easy-vqa's train split (no images, no
+# answers). Stage 1 distils the student's text tower on them too, so it meets the colour and shape words in more
+# contexts than the captions' six phrasings (the zero-shot prompts are a context the captions never show).
+FREE_TEXTS = {"en": ["bundled:easyvqa-questions"]}
 
 
 def run_quickstart(
@@ -74,7 +79,9 @@ def run_quickstart(
     d_cfg = load_recipe("dcclip", distill_overrides(seed, out / "distill", fast))  # the teacher is not known yet
     train = load_data(d_cfg.data.train, "train", ["en", "zh"], limit=d_cfg.data.limit_train)
     test = load_data(d_cfg.data.eval, "test", ["en", "zh"], limit=d_cfg.data.limit_eval)
-    student_tok = train_wordpiece(tokenizer_corpus(train, ["en", "zh"]), vocab_size=d_cfg.student.vocab_size)
+    free = load_free_texts(d_cfg.data.texts)  # texts without images (the easy-vqa questions), for stage 1
+    corpus = tokenizer_corpus(train, ["en", "zh"], free)
+    student_tok = train_wordpiece(corpus, vocab_size=d_cfg.student.vocab_size)
     n_paired = len(paired_indices(len(train.dataset), d_cfg.data.paired, seed))
 
     # 2. teacher
@@ -97,7 +104,8 @@ def run_quickstart(
     _say(
         f"3/5 distil: {s_cfg.student.preset} ({student.num_parameters():,} params, embedding width "
         f"{student.dims.embed}; teacher {t_model.dims.embed}) with recipes/dcclip.yaml: stage 1 on all "
-        f"{len(train.dataset)} training images and captions as unpaired data, stage 2 on {n_paired} pairs"
+        f"{len(train.dataset)} training images and captions as unpaired data and {len(free)} questions as free "
+        f"text, stage 2 on {n_paired} pairs"
     )
     cached = build_recipe_cache(s_cfg, [t_model], train.dataset, replace=True)  # reused when it is up to date
     _say(f"3/5 teacher outputs cached in {cached['cache']} ({cached['built_rows']} rows computed)")
@@ -161,6 +169,7 @@ def run_quickstart(
         "train_samples": len(train.dataset),
         "paired_samples": n_paired,
         "unpaired_samples": len(train.dataset) - n_paired,
+        "free_texts": len(free),
         "test_samples": len(test.dataset),
         "student_steps": s_cfg.total_steps,
         "baseline_steps": s_cfg.total_steps,
@@ -199,6 +208,7 @@ def distill_overrides(
     them): seed, the paired share, and with ``teacher`` its outputs read from ``teacher_cache``."""
     out = {**(FAST_DATA if fast else {}), "train.seed": seed, "train.progress": True, **(FAST_STUDENT if fast else {})}
     out.update({"train.output_dir": str(output_dir), "data.paired": PAIRED, "data.split.seed": seed})
+    out["data.texts"] = FREE_TEXTS
     if teacher is not None:
         out.update(
             {

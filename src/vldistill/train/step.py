@@ -30,6 +30,7 @@ class DistillModule(nn.Module):
         loss: WeightedLoss,
         teachers: TeacherSource | None,
         teacher_names: Sequence[str] = (),
+        free_tables: Sequence[Any] = (),
     ):
         super().__init__()
         self.student = student
@@ -37,6 +38,7 @@ class DistillModule(nn.Module):
         self._teachers = teachers
         self._names = list(teacher_names)
         self._last_teachers: list[Embeddings] = []
+        self._free = list(free_tables)  # per teacher, its embeddings of the free texts (vldistill.cache.FreeTextTable)
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """The weighted loss and its logged terms. Raises :class:`NonFiniteError` (on every process at once) when a
@@ -47,6 +49,10 @@ class DistillModule(nn.Module):
         self._last_teachers = teachers
         if _on_any_process(bool(bad)):
             raise NonFiniteError(self._describe_teachers(bad, batch))
+        for field, rows in batch.get("texts", {}).items() if teachers and self._free else ():
+            for table, out in zip(self._free, teachers, strict=True):  # free texts: embedded before training
+                if field in table.fields:
+                    out.text[field] = table.rows(rows)
         options = {"mask_ratio": self.loss.mask_ratio} if getattr(self.loss, "mask_ratio", None) is not None else {}
         student = self.student(batch["student"], needs, teacher=teachers[0] if teachers else None, **options)
         device = _device_of(student)
