@@ -70,14 +70,18 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 MFD = ["--stages.0.losses", "[{name: clip, langs: [en]}, {name: mfd, weight: 100.0}]"]
+TEXTS = ["--data.texts", "{en: [bundled:easyvqa-questions]}"]
 
 
 @pytest.mark.parametrize(
-    ("recipe", "extra"), [("clipkd", []), ("dcclip", []), ("clipkd", MFD)], ids=["clipkd", "dcclip", "mfd"]
+    ("recipe", "extra"),
+    [("clipkd", []), ("dcclip", []), ("clipkd", MFD), ("dcclip", TEXTS)],
+    ids=["clipkd", "dcclip", "mfd", "free-texts"],
 )
 def test_two_processes_train_like_one(tmp_path, teacher_dir, recipe, extra):
     """clipkd: in-batch losses (clip, crd, icl) and fd; dcclip: two stages, fd + xling, then clip; mfd: random
-    patch masks, which each process must draw for its own shard."""
+    patch masks, which each process must draw for its own shard; free texts: each process gets its half of every
+    batch's samples and of its free texts."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(fit_args(recipe, teacher_dir, one, "--train.log_every", "2", *extra)) == 0
     run = launch(fit_args(recipe, teacher_dir, two, "--train.log_every", "2", *extra))

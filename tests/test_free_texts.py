@@ -159,6 +159,7 @@ def test_config_checks_where_free_texts_may_go():
 def test_every_micro_batch_holds_its_texts_after_its_samples_in_a_resumable_order():
     sampler = StageSampler(16, 4, seed=3, stage=0, total=12, texts=(3, 7))
     batches = list(sampler)
+    assert sampler.batch_size == 7  # what Accelerate splits each micro-batch by
     assert all(len(b) == 7 and all(k < 16 for k in b[:4]) and all(k >= 16 for k in b[4:]) for b in batches)
     stream = [k - 16 for b in batches for k in b[4:]]
     assert sorted(stream[:7]) == list(range(7)) and sorted(stream[7:14]) == list(range(7))  # each text once per pass

@@ -39,12 +39,15 @@ class StageSampler:
     ):
         if n < batch_size:
             raise ValueError(f"the training set has {n} samples, fewer than train.batch_size = {batch_size}")
-        self.n, self.batch_size, self.seed, self.stage = n, batch_size, seed, stage
+        self.n, self.samples, self.seed, self.stage = n, batch_size, seed, stage
         self.total, self.start = total, start
         self.per_epoch = n // batch_size
         self.views = views
         self.epochs = epochs
         self.texts, self.pieces = texts, pieces
+        # the length of a micro-batch: Accelerate splits each into equal parts by it (a shorter one would be a last,
+        # incomplete batch)
+        self.batch_size = batch_size + (texts[0] if texts is not None else 0)
         self._text_perm: tuple[int, list[int]] = (-1, [])  # (text epoch, its order)
         if texts is not None and texts[0] % pieces:
             raise ValueError(f"{texts[0]} free texts per micro-batch do not split evenly over {pieces} processes")
@@ -62,16 +65,16 @@ class StageSampler:
                 epoch = m // self.per_epoch
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stage * 10_007 + epoch)
                 perm = torch.randperm(self.n, generator=g).tolist()
-            i = (m % self.per_epoch) * self.batch_size
+            i = (m % self.per_epoch) * self.samples
             if self.epochs:
                 keys = [
                     (j, (epoch + offsets[j]) % self.views if self.views > 1 else 0, epoch)
-                    for j in perm[i : i + self.batch_size]
+                    for j in perm[i : i + self.samples]
                 ]
             elif self.views == 1:
-                keys = perm[i : i + self.batch_size]
+                keys = perm[i : i + self.samples]
             else:
-                keys = [(j, (epoch + offsets[j]) % self.views) for j in perm[i : i + self.batch_size]]
+                keys = [(j, (epoch + offsets[j]) % self.views) for j in perm[i : i + self.samples]]
             yield keys if self.texts is None else self._with_texts(keys, m, epoch)
 
     def _with_texts(self, keys: list, m: int, epoch: int) -> list:
