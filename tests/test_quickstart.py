@@ -59,6 +59,7 @@ def test_outputs_report_and_training_logs(fast_run):
     assert (fast_run / "report.png").stat().st_size > 10_000
     report = (fast_run / "report.md").read_text()
     assert "teacher" in report and "baseline" in report and "report.png" in report
+    assert "and 107 texts without images, in DC-CLIP's unimodal stage 1" in report
     distill_rows = [json.loads(x) for x in (fast_run / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in distill_rows} == {"distill", "align"}
     assert any("fd_image" in r and "xling" in r and "fd_text_texts_en" in r for r in distill_rows)

@@ -298,12 +298,14 @@ def write_report(
         f"Machine: {results['setup']['machine']}. Wall time: {results['wall_seconds']} s. "
         f"Teacher: {results['setup']['teacher']}."
     ]
+    free = results["setup"].get("free_texts", 0)
+    also = f", and {free} texts without images," if free else ""
     notes = [
         "Student and baseline share architecture, tokenizer, initialisation, steps and batch size. The baseline "
         f"trains on the {results['setup']['paired_samples']} captioned images only (contrastive loss); the "
-        "student also uses the other training images and captions as unpaired data in DC-CLIP's unimodal stage 1 "
-        "(feature distillation from the teacher), then the same pairs in stage 2. `all_pairs`, for context: the "
-        "same student without the teacher on every pair the teacher saw (what captioning everything would buy).",
+        f"student also uses the other training images and captions as unpaired data{also} in DC-CLIP's unimodal "
+        "stage 1 (feature distillation from the teacher), then the same pairs in stage 2. `all_pairs`, for context: "
+        "the same student without the teacher on every pair the teacher saw (what captioning everything would buy).",
         "",
         results["summary"],
     ]
