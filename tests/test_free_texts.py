@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vldistill.batching import Collator
+from vldistill.batching import Collator, LiveTeachers
 from vldistill.cache import build_recipe_cache, open_recipe_cache
 from vldistill.cache.texts import free_text_file, load_free_text_tables
-from vldistill.config import ConfigError, load_recipe
+from vldistill.config import ConfigError, load_recipe, to_dict
 from vldistill.data.pairs import DataError
 from vldistill.data.texts import free_field, load_free_texts
 from vldistill.models import as_teacher
@@ -139,6 +139,11 @@ def test_bad_sources_name_the_file_and_line(tmp_path, name, content, message):
         load_free_texts({"en": [str(tmp_path / name)]})
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_text(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufefffirst\nsecond\n".encode())
+    assert load_free_texts({"en": [str(tmp_path / "bom.txt")]}).texts == ["first", "second"]
+
+
 def test_a_missing_source_or_unknown_bundled_name_is_named(tmp_path):
     with pytest.raises(DataError, match=re.escape(f"data.texts.en: {tmp_path / 'no.txt'} does not exist")):
         load_free_texts({"en": [str(tmp_path / "no.txt")]})
@@ -157,26 +162,41 @@ def test_config_checks_where_free_texts_may_go():
 
 # ------------------------------------------------------------------------------------------ drawing
 def test_every_micro_batch_holds_its_texts_after_its_samples_in_a_resumable_order():
-    sampler = StageSampler(16, 4, seed=3, stage=0, total=12, texts=(3, 7))
+    sampler = StageSampler(16, 4, seed=3, stage=0, total=12, texts=(3, [7]))
     batches = list(sampler)
     assert sampler.batch_size == 7  # what Accelerate splits each micro-batch by
     assert all(len(b) == 7 and all(k < 16 for k in b[:4]) and all(k >= 16 for k in b[4:]) for b in batches)
     stream = [k - 16 for b in batches for k in b[4:]]
     assert sorted(stream[:7]) == list(range(7)) and sorted(stream[7:14]) == list(range(7))  # each text once per pass
     assert stream[:7] != stream[7:14]  # a new order each pass
-    resumed = list(StageSampler(16, 4, seed=3, stage=0, total=12, start=5, texts=(3, 7)))
+    resumed = list(StageSampler(16, 4, seed=3, stage=0, total=12, start=5, texts=(3, [7])))
     assert resumed == batches[5:]
-    other = [k for b in StageSampler(16, 4, seed=4, stage=0, total=12, texts=(3, 7)) for k in b[4:]]
+    other = [k for b in StageSampler(16, 4, seed=4, stage=0, total=12, texts=(3, [7])) for k in b[4:]]
     assert [k - 16 for k in other] != stream
 
 
+def test_each_language_gets_its_own_share_and_order():
+    # rows 0-4 are texts.en, rows 5-7 texts.zh: every micro-batch holds 2 of each, each language in its own order
+    batches = list(StageSampler(16, 4, seed=1, stage=0, total=6, texts=(2, [5, 3])))
+    assert StageSampler(16, 4, seed=1, stage=0, total=1, texts=(2, [5, 3])).batch_size == 8
+    en = [k - 16 for b in batches for k in b[4:6]]
+    zh = [k - 16 for b in batches for k in b[6:8]]
+    assert all(0 <= r < 5 for r in en) and all(5 <= r < 8 for r in zh)
+    assert sorted(en[:5]) == list(range(5)) and sorted(zh[:3]) == [5, 6, 7]
+    alone = [k - 16 for b in StageSampler(16, 4, seed=1, stage=0, total=6, texts=(2, [5])) for k in b[4:]]
+    assert en == alone  # the first language's order does not depend on the others
+    (split,) = list(StageSampler(16, 4, seed=1, stage=0, total=1, texts=(2, [5, 3]), pieces=2))
+    first = batches[0]
+    assert split == [*first[:2], first[4], first[6], *first[2:4], first[5], first[7]]
+
+
 def test_processes_get_equal_shares_of_samples_and_texts():
-    (batch,) = list(StageSampler(16, 4, seed=0, stage=0, total=1, texts=(2, 5), pieces=2))
-    (plain,) = list(StageSampler(16, 4, seed=0, stage=0, total=1, texts=(2, 5)))
+    (batch,) = list(StageSampler(16, 4, seed=0, stage=0, total=1, texts=(2, [5]), pieces=2))
+    (plain,) = list(StageSampler(16, 4, seed=0, stage=0, total=1, texts=(2, [5])))
     samples, texts = plain[:4], plain[4:]
     assert batch == samples[:2] + texts[:1] + samples[2:] + texts[1:]
     with pytest.raises(ValueError, match="3 free texts per micro-batch do not split evenly over 2 processes"):
-        StageSampler(16, 4, seed=0, stage=0, total=1, texts=(3, 5), pieces=2)
+        StageSampler(16, 4, seed=0, stage=0, total=1, texts=(3, [5]), pieces=2)
 
 
 def test_the_collator_routes_free_texts_to_their_own_field(tokenizer, teacher):
@@ -184,14 +204,44 @@ def test_the_collator_routes_free_texts_to_their_own_field(tokenizer, teacher):
     free = [
         {"free_index": 5, "free_field": "texts.en", "free_text": FREE[0]},
         {"free_index": 2, "free_field": "texts.en", "free_text": FREE[1]},
+        {"free_index": 9, "free_field": "texts.zh", "free_text": FREE[2]},
     ]
     items = [*pair_items(2), *free]
     batch = Collator(student, [], ["en"], [])(items)
     assert batch["index"].tolist() == [0, 1]
-    assert batch["texts"]["texts.en"].tolist() == [5, 2]
+    assert batch["texts"]["texts.en"].tolist() == [5, 2] and batch["texts"]["texts.zh"].tolist() == [9]
     assert batch["student"]["pixel_values"].shape[0] == 2
     assert batch["student"]["text"]["en"]["input_ids"].shape[0] == 2
     assert batch["student"]["text"][free_field("en")]["input_ids"].shape[0] == 2
+    assert batch["student"]["text"][free_field("zh")]["input_ids"].shape[0] == 1
+
+
+def test_the_step_gives_each_free_text_its_own_teacher_row(tokenizer, teacher):
+    from vldistill.cache.texts import FreeTextTable
+    from vldistill.losses import WeightedLoss
+    from vldistill.losses.features import FeatureDistillation
+    from vldistill.outputs import Dims
+    from vldistill.train.step import DistillModule
+
+    student = build_student("test-clip", tokenizer)
+    table = FreeTextTable(torch.randn(6, teacher.dims.embed), frozenset({"texts.en"}))
+    seen = {}
+
+    class Spy(FeatureDistillation):
+        def forward(self, out):
+            seen["student"], seen["teacher"] = out.student.text["texts.en"], out.teachers[0].text["texts.en"]
+            return super().forward(out)
+
+    dims = Dims(student.dims, (teacher.dims,))
+    loss = WeightedLoss([("fd_free", 1.0, Spy(dims, tower="text", lang="texts.en"))])
+    items = [*pair_items(2), *({"free_index": r, "free_field": "texts.en", "free_text": FREE[r % 4]} for r in (4, 1))]
+    batch = Collator(student, [teacher], ["en"], [["en"]])(items)
+    DistillModule(student, loss, LiveTeachers([teacher]), free_tables=[table])(batch)
+    assert torch.equal(seen["teacher"], table.embeddings[[4, 1]])  # row for row, in the batch's order
+    with torch.no_grad():
+        enc = student.tokenizer([FREE[0], FREE[1]], padding=True, return_tensors="pt")
+        expected = student.encode_text(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(seen["student"], expected)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -239,6 +289,42 @@ def test_free_text_mistakes_fail_before_training_naming_the_key(tmp_path, tokeni
     cfg = recipe(tmp_path, free_file, extra_loss={"name": "fd", "tower": "text", "lang": "texts.en", "level": "token"})
     with pytest.raises(ConfigError, match="free texts give pooled embeddings only"):
         Trainer(cfg, student, pair_items(), [teacher])
+    only_fd = "only fd on the text tower reads them, with teacher_lang left out"
+    for term in (
+        {"name": "xling", "langs": ["texts.en"], "target_lang": "en"},
+        {"name": "fd", "tower": "text", "lang": "texts.en", "teacher_lang": "en"},
+    ):
+        with pytest.raises(ConfigError, match=re.escape(only_fd)):
+            Trainer(recipe(tmp_path, free_file, extra_loss=term), student, pair_items(), [teacher])
+    raw = to_dict(recipe(tmp_path, free_file))
+    raw["data"]["texts"]["zh"] = raw["data"]["texts"]["en"]
+    raw["stages"][0]["losses"][2]["options"]["lang"] = "texts.zh"  # an English-only teacher
+    with pytest.raises(ConfigError, match=re.escape("reads ['texts.zh'], but teachers.0 embeds ['en']")):
+        Trainer(load_recipe(raw=raw), student, pair_items(), [teacher])
+
+
+def test_a_table_file_belongs_to_its_teachers_languages_and_texts(tmp_path):
+    a = load_free_texts({"en": ["bundled:easyvqa-questions"]})
+    (tmp_path / "b.txt").write_text("another text\n")
+    b = load_free_texts({"en": [str(tmp_path / "b.txt")]})
+    one, two = [{"id": "t", "weights": "1"}], [{"id": "t", "weights": "2"}]
+    base = free_text_file(tmp_path, one, [["en"]], a)
+    assert base == free_text_file(tmp_path, one, [["en"]], a)
+    assert (
+        len({base, free_text_file(tmp_path, two, [["en"]], a), free_text_file(tmp_path, one, [["en", "zh"]], a)}) == 3
+    )
+    assert free_text_file(tmp_path, one, [["en"]], b) != base
+
+
+def test_resuming_with_other_free_texts_is_refused_naming_them():
+    from vldistill.train.rundir import config_differences
+
+    old = {"data": {"texts": {"en": ["a.txt"]}}}
+    assert config_differences(old, {"data": {"texts": {"en": ["a.txt"], "zh": ["b.txt"]}}}) == [
+        'data.texts ({"en": ["a.txt"]} there, {"en": ["a.txt"], "zh": ["b.txt"]} now)'
+    ]
+    assert config_differences({"data": {"texts": {}}}, old) != []
+    assert config_differences(old, old) == []
 
 
 def test_a_cached_teacher_keeps_its_free_text_table_beside_the_shards(tmp_path, tokenizer, teacher, free_file):

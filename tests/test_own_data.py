@@ -72,7 +72,8 @@ def test_the_readme_commands_run_on_a_users_labelled_data(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert re.search(r"embedding width \d+ \(teacher: \d+\)", out), "fit prints the widths"
     assert "gain: student - baseline" in out
-    assert "free texts: 7 texts.en (data.texts), per micro-batch: 64 in stages.0" in out
+    assert "free texts: 7 texts.en (data.texts), per micro-batch and language: 64 in stages.0" in out
+    assert "free texts: only 7 texts.en: some repeat within a micro-batch" in out
     # the teacher was exported and scored as the teacher; the student run compares the three
     assert (tmp_path / "runs/my-teacher/teacher/config.json").is_file()
     assert "teacher" in json.loads((tmp_path / "runs/my-teacher/eval.json").read_text())

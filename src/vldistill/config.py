@@ -237,9 +237,10 @@ class StageConfig:
     (``data.paired``); ``all``, every training sample, as images alone and captions alone: only losses that never
     compare an image with a text may then be used (``fd``, ``mfd``, ``xling``), which is checked before training."""
     texts: int = 0
-    """Free texts (``data.texts``) added to every micro-batch of a ``samples: all`` stage, drawn in a seeded order
-    of their own; they form the text fields ``texts.LANG``. A loss term that reads such a field is left out (with a
-    notice) when the run has no ``data.texts``, so a recipe may declare it and still run on captions alone."""
+    """Free texts (``data.texts``) of each language added to every micro-batch of a ``samples: all`` stage, each
+    language in a seeded order of its own; they form the text fields ``texts.LANG``, which only ``fd`` on the text
+    tower reads (``lang: texts.en``). A term that reads such a field is left out (with a notice) when the run has no
+    ``data.texts``, so a recipe may declare it and still run on captions alone."""
 
     def __post_init__(self):
         if self.texts < 0:

@@ -62,6 +62,13 @@ class FreeTexts:
     fields: list[str]
     sources: dict[str, list[str]]
 
+    def __post_init__(self):
+        if len(self.texts) != len(self.fields):
+            raise ValueError(f"{len(self.texts)} free texts but {len(self.fields)} fields")
+        order = list(dict.fromkeys(self.fields))
+        if self.fields != [f for f in order for _ in range(self.fields.count(f))]:
+            raise ValueError("free texts: the rows of each field must be consecutive (one language after another)")
+
     def __len__(self) -> int:
         return len(self.texts)
 
@@ -100,7 +107,7 @@ def _read_source(source: str, lang: str) -> list[str]:
             f"line) or one of {sorted(BUNDLED_TEXTS)}"
         )
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the text
     except FileNotFoundError:
         raise DataError(f"data.texts.{lang}: {source} does not exist") from None
     except (OSError, UnicodeDecodeError) as err:

@@ -249,7 +249,7 @@ def _fit_owned(
 
         write_teacher_card(export_dir, cfg, teachers)
     card = {"teachers": teachers, "train_size": len(train_data.dataset)}  # the model card: README.md of the export
-    write_student_card(export_dir, cfg, student, **card)
+    write_student_card(export_dir, trainer.cfg, student, **card)  # the config it trained with (terms left out)
     skipped = getattr(train_data.dataset, "skipped", 0)
     if skipped:  # its summary was printed once, when the data was read
         summary["skipped_rows"] = skipped
@@ -273,7 +273,7 @@ def _fit_owned(
             summary["eval"] = {"teacher": own["student"], **{k: v for k, v in own.items() if k != "student"}}
         print(format_comparison(summary["eval"]), flush=True)
         (result.output_dir / "eval.json").write_text(json.dumps(summary["eval"], indent=2, ensure_ascii=False))
-        write_student_card(export_dir, cfg, student, eval_result=own, **card)  # now with its numbers
+        write_student_card(export_dir, trainer.cfg, student, eval_result=own, **card)  # now with its numbers
     return summary
 
 

@@ -205,7 +205,7 @@ class Trainer:
         self.free: FreeTexts | None = None  # free texts (data.texts) and each teacher's embeddings of them
         self.free_tables: list[FreeTextTable] = []
         if any(s.texts or free_terms(s) for s in config.stages):
-            config = self.cfg = self._setup_free_texts(config, free_texts)
+            config = self.cfg = self._setup_free_texts(config)
         # Fail now, not after the earlier stages trained: what each loss needs is declared statically and compared
         # with what the student kind and the teacher source provide.
         check_needs(config.stages, student.provides, student.kind, STUDENT_OUTPUTS)
@@ -221,11 +221,13 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # the options' values (checked by the losses) fail now too
             for i, stage in enumerate(config.stages):
                 build_stage_loss(stage, self.dims, i)
+        if any(s.texts for s in config.stages):  # last: embedding them may load and run the teachers
+            self._embed_free_texts(config, free_texts)
 
     # ------------------------------------------------------------------------------------------ free texts
-    def _setup_free_texts(self, config: RecipeConfig, given) -> RecipeConfig:
-        """Check the stages' use of free texts and embed them with the teachers (or read the cache's tables).
-        Without ``data.texts`` the terms that read them are left out, with a notice."""
+    def _setup_free_texts(self, config: RecipeConfig) -> RecipeConfig:
+        """Check the stages' use of free texts (each term an ``fd`` on a field of a language ``data.texts`` has and
+        every teacher embeds). Without ``data.texts`` the terms that read them are left out, with a notice."""
         if not config.data.texts:
             dropped, stages = [], []
             for i, stage in enumerate(config.stages):
@@ -254,6 +256,19 @@ class Trainer:
                     )
                 if term.options.get("level", "pooled") != "pooled":
                     raise ConfigError(f"stages.{i}.losses.{j} ({term.name}): free texts give pooled embeddings only")
+                teacher_lang = term.options.get("teacher_lang")
+                if term.name != "fd" or (teacher_lang is not None and teacher_lang != term.options.get("lang")):
+                    raise ConfigError(
+                        f"stages.{i}.losses.{j} ({term.name}) reads {fields}: free texts have no image, no parallel "
+                        "text and no pairing; only fd on the text tower reads them, with teacher_lang left out"
+                    )
+                for k, tcfg in enumerate(config.teachers):
+                    lacking = [f for f in fields if f.removeprefix(FIELD_PREFIX) not in tcfg.languages]
+                    if lacking:
+                        raise ConfigError(
+                            f"stages.{i}.losses.{j} ({term.name}) reads {lacking}, but teachers.{k} embeds "
+                            f"{tcfg.languages} (teachers.{k}.languages)"
+                        )
             if stage.texts % n_proc:
                 raise ConfigError(
                     f"stages.{i}.texts = {stage.texts}: free texts are split evenly over the {n_proc} processes; give "
@@ -266,15 +281,23 @@ class Trainer:
             )
         if not isinstance(self.student, DualEncoder):
             raise ConfigError("data.texts: free texts train a dual encoder's text tower; this student is not one")
+        return config
+
+    def _embed_free_texts(self, config: RecipeConfig, given) -> None:
+        """Read the free texts and each teacher's embeddings of them (computed now, or read from the cache)."""
         free, tables = given if given is not None else (load_free_texts(config.data.texts), None)
         self.free = free
         self.free_tables = (
-            tables if tables is not None else free_text_tables(config, free, self.teachers, self.teacher_source)
+            tables
+            if tables is not None
+            else free_text_tables(config, free, self.teachers, self.teacher_source, self.accelerator)
         )
         counts = ", ".join(f"{n} {field}" for field, n in free.counts().items())
         per = ", ".join(f"{s.texts} in stages.{i}" for i, s in enumerate(config.stages) if s.texts)
-        self._print(f"free texts: {counts} (data.texts), per micro-batch: {per}")
-        return config
+        self._print(f"free texts: {counts} (data.texts), per micro-batch and language: {per}")
+        few = [f"{n} {field}" for field, n in free.counts().items() if n < max(s.texts for s in config.stages)]
+        if few:
+            self._print(f"free texts: only {', '.join(few)}: some repeat within a micro-batch")
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, module: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
@@ -483,7 +506,7 @@ class Trainer:
         """A map-style dataset's micro-batches (:class:`StageSampler`), prepared by Accelerate with the module and
         optimiser (each process gets its part of every global batch); ``texts`` free texts in each."""
         cfg = self.cfg
-        free = (texts, len(self.free)) if texts else None
+        free = (texts, list(self.free.counts().values())) if texts else None
         sampler = StageSampler(
             len(data),
             cfg.train.batch_size,
@@ -654,25 +677,33 @@ def free_terms(stage: StageConfig) -> list[tuple[int, Any]]:
     return [(j, t) for j, t in enumerate(stage.losses) if free_terms_of(t)]
 
 
-def free_text_tables(cfg: RecipeConfig, free: FreeTexts, teachers: Sequence[Teacher], source) -> list[FreeTextTable]:
-    """Each teacher's embeddings of the free texts: read from the teacher cache when it holds them, else computed
-    with the loaded teachers (loading them when the run reads a cache without them) and stored in the cache."""
+def free_text_tables(
+    cfg: RecipeConfig, free: FreeTexts, teachers: Sequence[Teacher], source, accelerator: Accelerator | None = None
+) -> list[FreeTextTable]:
+    """Each teacher's embeddings of the free texts of the languages it embeds (``teachers.N.languages``): read from
+    the teacher cache when it holds them, else computed with the loaded teachers (loading them, onto the run's
+    device, when the run reads a cache without them) and stored in the cache. Several processes: the main one
+    computes and stores, the others then read."""
     entries = source.teacher_entries() if hasattr(source, "teacher_entries") else None
     langs = [list(t.languages) for t in cfg.teachers]
-    path = None
-    if entries is not None:
-        path = free_text_file(source.directory, entries, langs, free)
-        tables = load_free_text_tables(path, len(entries), len(free))
-        if tables is not None:
-            return tables
-    teachers = list(teachers) or prepare_teachers(cfg)
-    names = [tc.name_or_path or f"teacher {j}" for j, tc in enumerate(cfg.teachers)]
-    tables = [
-        free_text_table(t, free, getattr(t, "languages", lang), name=name)
-        for t, lang, name in zip(teachers, langs, names, strict=True)
-    ]
-    if path is not None:
-        save_free_text_tables(path, tables)
+    path = free_text_file(source.directory, entries, langs, free) if entries is not None else None
+    several = accelerator is not None and accelerator.num_processes > 1 and path is not None
+    if several and not accelerator.is_main_process:
+        accelerator.wait_for_everyone()  # the main process stores the tables first
+    tables = load_free_text_tables(path, len(entries), len(free)) if path is not None else None
+    if tables is None:
+        teachers = list(teachers) or prepare_teachers(cfg)
+        device = accelerator.device if accelerator is not None else None
+        names = [tc.name_or_path or f"teacher {j}" for j, tc in enumerate(cfg.teachers)]
+        tables = []
+        for t, lang, name in zip(teachers, langs, names, strict=True):
+            if device is not None:
+                t.to(device)
+            tables.append(free_text_table(t, free, lang, name=name))
+        if path is not None:
+            save_free_text_tables(path, tables)
+    if several and accelerator.is_main_process:
+        accelerator.wait_for_everyone()
     return tables
 
 

@@ -232,6 +232,10 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             continue
         if a[key] != b[key]:
             out.append(f"{key} ({_shown(a[key])} there, {_shown(b[key])} now)")
+    # a mapping whose keys are data (free texts' languages): one language more or fewer changes every batch
+    texts = [(c.get("data") or {}).get("texts") or {} for c in (old, new)]
+    if texts[0] != texts[1] and not any(d.startswith("data.texts") for d in out):
+        out.append(f"data.texts ({_shown(texts[0])} there, {_shown(texts[1])} now)")
     return out
 
 

@@ -3,7 +3,7 @@ the batches an uninterrupted one would; the paired subset of a run and a teacher
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -18,10 +18,11 @@ class StageSampler:
     With ``epochs=True`` it yields ``(index, view, epoch)`` triples (view 0 without views): for students whose inputs
     depend on the epoch (a seq2seq student's span corruption is seeded by seed, sample and epoch).
 
-    With ``texts = (k, m)`` every micro-batch also holds ``k`` of ``m`` free texts (``data.texts``), as keys ``n + j``
-    (after the ``n`` samples: :class:`_WithTexts` reads them), in a seeded order of their own that runs through all
-    ``m`` before repeating. ``pieces`` processes split each micro-batch into equal consecutive parts: each part gets
-    its share of the samples followed by its share of the texts.
+    With ``texts = (k, [m_1, m_2, ...])`` every micro-batch also holds ``k`` free texts (``data.texts``) of each
+    field (language), whose rows are consecutive: ``m_1`` of the first, then ``m_2``, ...; they come as keys ``n + j``
+    (after the ``n`` samples: :class:`_WithTexts` reads them), each field in a seeded order of its own that runs
+    through all its texts before repeating. ``pieces`` processes split each micro-batch into equal consecutive parts:
+    each part gets its share of the samples followed by its share of every field's texts.
     """
 
     def __init__(
@@ -34,7 +35,7 @@ class StageSampler:
         start: int = 0,
         views: int = 1,
         epochs: bool = False,
-        texts: tuple[int, int] | None = None,
+        texts: tuple[int, Sequence[int]] | None = None,
         pieces: int = 1,
     ):
         if n < batch_size:
@@ -44,11 +45,11 @@ class StageSampler:
         self.per_epoch = n // batch_size
         self.views = views
         self.epochs = epochs
-        self.texts, self.pieces = texts, pieces
+        self.texts, self.pieces = (texts[0], list(texts[1])) if texts is not None else None, pieces
         # the length of a micro-batch: Accelerate splits each into equal parts by it (a shorter one would be a last,
         # incomplete batch)
-        self.batch_size = batch_size + (texts[0] if texts is not None else 0)
-        self._text_perm: tuple[int, list[int]] = (-1, [])  # (text epoch, its order)
+        self.batch_size = batch_size + (texts[0] * len(texts[1]) if texts is not None else 0)
+        self._text_perm: dict[int, tuple[int, list[int]]] = {}  # per field: (text epoch, its order)
         if texts is not None and texts[0] % pieces:
             raise ValueError(f"{texts[0]} free texts per micro-batch do not split evenly over {pieces} processes")
 
@@ -79,21 +80,33 @@ class StageSampler:
 
     def _with_texts(self, keys: list, m: int, epoch: int) -> list:
         """Micro-batch ``m``'s keys followed by its free texts' (interleaved in ``pieces`` parts)."""
-        k, total = self.texts
-        rows = []
-        for p in range(m * k, (m + 1) * k):  # position p of the text stream: text epoch p // total
-            if self._text_perm[0] != p // total:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stage * 10_007 + p // total + 500_009)
-                self._text_perm = (p // total, torch.randperm(total, generator=g).tolist())
-            rows.append(self._text_perm[1][p % total])
-        if self.epochs:
-            texts = [(self.n + r, 0, epoch) for r in rows]
-        elif self.views == 1:
-            texts = [self.n + r for r in rows]
-        else:
-            texts = [(self.n + r, 0) for r in rows]
+        k, counts = self.texts
+        fields, start = [], self.n
+        for f, total in enumerate(counts):
+            rows = []
+            for p in range(m * k, (m + 1) * k):  # position p of this field's stream: its text epoch p // total
+                if self._text_perm.get(f, (-1,))[0] != p // total:
+                    seed = self.seed * 1_000_003 + self.stage * 10_007 + p // total + 500_009 + f * 7_919
+                    self._text_perm[f] = (
+                        p // total,
+                        torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist(),
+                    )
+                rows.append(start + self._text_perm[f][1][p % total])
+            fields.append(rows)
+            start += total
         b, t = len(keys) // self.pieces, k // self.pieces
-        return [key for q in range(self.pieces) for key in keys[q * b : (q + 1) * b] + texts[q * t : (q + 1) * t]]
+        out = []
+        for q in range(self.pieces):
+            out += keys[q * b : (q + 1) * b]
+            for rows in fields:
+                out += [self._text_key(r, epoch) for r in rows[q * t : (q + 1) * t]]
+        return out
+
+    def _text_key(self, row: int, epoch: int):
+        """A free text's key in the form of the samples' keys."""
+        if self.epochs:
+            return (row, 0, epoch)
+        return row if self.views == 1 else (row, 0)
 
 
 class _Subset(torch.utils.data.Dataset):
