@@ -2,8 +2,8 @@
 
 A real user of a small captioned set usually has far more text than captions: questions, alt texts, product
 descriptions, sentences of the target language. A teacher embeds each of them once, before the student trains
-(:func:`vldistill.cache.free_text_table`), and stages with ``texts: N`` draw ``N`` of them into every micro-batch
-as the text field ``texts.LANG``, where a loss reads them like a caption field (``fd`` with ``lang: texts.en``).
+(:func:`vldistill.cache.texts.free_text_table`), and stages with ``texts: N`` draw ``N`` of each language into every
+micro-batch as the text field ``texts.LANG``, which ``fd`` on the text tower reads (``lang: texts.en``).
 
 Sources (``data.texts``, per language): a ``.txt`` file (one text per line), a ``.jsonl`` file (one object with a
 ``text`` string per line), or ``bundled:easyvqa-questions`` (the distinct English questions of easy-vqa's train
