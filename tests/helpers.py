@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from vldistill.outputs import Dims, ModelDims
@@ -75,3 +76,35 @@ def save_tiny_teacher(path: Path, seed: int, limit: int, vocab_size: int = 300, 
         path
     )
     return path
+
+
+# ------------------------------------------------------------------------------------------ tiny pair data
+COLOURS = ["red", "blue", "green", "yellow"]
+SHAPES = ["circle", "square"]
+
+
+def colour_image(i: int) -> Image.Image:
+    """A 32x32 image of one flat colour, ``COLOURS[i % 4]``."""
+    rgb = [(200, 30, 30), (30, 30, 200), (30, 200, 30), (220, 220, 40)][i % 4]
+    return Image.new("RGB", (32, 32), rgb)
+
+
+def pair_items(n: int = 8) -> list[dict[str, Any]]:
+    """``n`` image-caption samples as a dataset yields them (English captions, 8 labels)."""
+    captions = [f"a {COLOURS[i % 4]} {SHAPES[i % 2]}" for i in range(n)]
+    return [
+        {"index": i, "image": colour_image(i), "captions": {"en": c}, "label": i % 8} for i, c in enumerate(captions)
+    ]
+
+
+def tiny_train(output_dir: Path) -> dict[str, Any]:
+    """A recipe's ``train`` section for runs of a few steps on a handful of samples."""
+    return {
+        "batch_size": 4,
+        "lr": 1e-2,
+        "warmup_steps": 0,
+        "log_every": 1,
+        "progress": False,
+        "tensorboard": False,
+        "output_dir": str(output_dir),
+    }

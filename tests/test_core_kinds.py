@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image
 
+from helpers import COLOURS, SHAPES, colour_image, pair_items, tiny_train
 from vldistill.batching import Collator, LiveTeachers, sample_targets, teacher_texts
 from vldistill.config import ConfigError, RecipeConfig, from_dict, load_recipe, to_dict
 from vldistill.models import as_teacher
@@ -19,21 +19,13 @@ from vldistill.students import STUDENT_KINDS, build_student
 from vldistill.tokenization import train_wordpiece
 from vldistill.train.loop import Trainer
 
-COLOURS = ["red", "blue", "green", "yellow"]
-SHAPES = ["circle", "square"]
-
-
-def _image(i: int) -> Image.Image:
-    rgb = [(200, 30, 30), (30, 30, 200), (30, 200, 30), (220, 220, 40)][i % 4]
-    return Image.new("RGB", (32, 32), rgb)
-
 
 def vqa_items(n: int = 8) -> list[dict[str, Any]]:
     answers = COLOURS
     return [
         {
             "index": i,
-            "image": _image(i),
+            "image": colour_image(i),
             "kind": "vqa",
             "question": "what colour is the shape?",
             "answers": [answers[i % 4]],
@@ -41,13 +33,6 @@ def vqa_items(n: int = 8) -> list[dict[str, Any]]:
             "answer_index": i % 4,
             "question_type": "colour",
         }
-        for i in range(n)
-    ]
-
-
-def pair_items(n: int = 8) -> list[dict[str, Any]]:
-    return [
-        {"index": i, "image": _image(i), "captions": {"en": f"a {COLOURS[i % 4]} {SHAPES[i % 2]}"}, "label": i % 8}
         for i in range(n)
     ]
 
@@ -70,15 +55,7 @@ def recipe(tmp_path: Path, preset: str, losses: list, trainable: list[str], lang
         "student": {"preset": preset},
         "data": {"train": "bundled:easyvqa", "eval": None, "languages": languages},
         "stages": [{"steps": 2, "losses": losses, "trainable": trainable}],
-        "train": {
-            "batch_size": 4,
-            "lr": 1e-2,
-            "warmup_steps": 0,
-            "log_every": 1,
-            "progress": False,
-            "tensorboard": False,
-            "output_dir": str(tmp_path / "run"),
-        },
+        "train": tiny_train(tmp_path / "run"),
     }
     return from_dict(RecipeConfig, raw)
 
@@ -112,7 +89,7 @@ def test_teacher_texts_and_targets_by_sample_kind():
 
 def test_teacher_embeds_one_vector_per_candidate(teacher, tokenizer):
     mc = [
-        {"index": i, "image": _image(i), "kind": "multiple_choice", "question": "which colour?"}
+        {"index": i, "image": colour_image(i), "kind": "multiple_choice", "question": "which colour?"}
         | {"candidates": COLOURS, "answer_index": i % 4, "rationales": [], "rationale_index": -1}
         for i in range(3)
     ]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
+from helpers import COLOURS, SHAPES, pair_items, tiny_train
 from vldistill.batching import Collator, LiveTeachers
 from vldistill.cache import build_recipe_cache, open_recipe_cache
 from vldistill.cache.texts import free_text_file, load_free_text_tables
@@ -23,22 +23,8 @@ from vldistill.tokenization import train_wordpiece
 from vldistill.train.loop import Trainer
 from vldistill.train.sampling import StageSampler
 
-COLOURS = ["red", "blue", "green", "yellow"]
-SHAPES = ["circle", "square"]
 # words that only the free texts hold: their token embeddings train only through the free-text term
 FREE = ["where is the bicycle?", "a bicycle near the river", "the river is wide", "wide bicycle lanes"]
-
-
-def _image(i: int) -> Image.Image:
-    rgb = [(200, 30, 30), (30, 30, 200), (30, 200, 30), (220, 220, 40)][i % 4]
-    return Image.new("RGB", (32, 32), rgb)
-
-
-def pair_items(n: int = 16) -> list[dict]:
-    return [
-        {"index": i, "image": _image(i), "captions": {"en": f"a {COLOURS[i % 4]} {SHAPES[i % 2]}"}, "label": i % 8}
-        for i in range(n)
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +61,7 @@ def recipe(tmp_path: Path, free_file: Path | None, texts: int = 4, extra_loss: d
             {"name": "unimodal", "steps": 3, "samples": "all", "texts": texts, "losses": losses},
             {"name": "align", "steps": 1, "losses": [{"name": "clip", "langs": ["en"]}]},
         ],
-        "train": {
-            "batch_size": 4,
-            "lr": 1e-2,
-            "warmup_steps": 0,
-            "log_every": 1,
-            "progress": False,
-            "tensorboard": False,
-            "output_dir": str(tmp_path / "run"),
-        },
+        "train": tiny_train(tmp_path / "run"),
     }
     if free_file is not None:
         raw["data"]["texts"] = {"en": [str(free_file)]}
@@ -252,7 +230,7 @@ def test_the_free_text_term_trains_the_text_tower_on_words_only_free_texts_hold(
     student = build_student("test-clip", tokenizer)
     before = _row(student, tokenizer, "bicycle")
     caption_word = _row(student, tokenizer, "circle")
-    trainer = Trainer(recipe(tmp_path, free_file), student, pair_items(), [teacher])
+    trainer = Trainer(recipe(tmp_path, free_file), student, pair_items(16), [teacher])
     assert trainer.free.counts() == {"texts.en": 4}
     result = trainer.fit()
     first = result.history[0]
@@ -263,13 +241,13 @@ def test_the_free_text_term_trains_the_text_tower_on_words_only_free_texts_hold(
 
     torch.manual_seed(0)
     alone = build_student("test-clip", tokenizer)
-    Trainer(recipe(tmp_path / "none", None), alone, pair_items(), [teacher]).fit()
+    Trainer(recipe(tmp_path / "none", None), alone, pair_items(16), [teacher]).fit()
     # without free texts that row gets no gradient: weight decay only shrinks it
     assert cos(_row(alone, tokenizer, "bicycle"), before, dim=0) > 0.99999
 
 
 def test_without_data_texts_the_term_is_left_out_with_a_notice(tmp_path, tokenizer, teacher, capsys):
-    trainer = Trainer(recipe(tmp_path, None), build_student("test-clip", tokenizer), pair_items(), [teacher])
+    trainer = Trainer(recipe(tmp_path, None), build_student("test-clip", tokenizer), pair_items(16), [teacher])
     out = capsys.readouterr().out
     assert "no data.texts: left out stages.0.losses.2 (fd on ['texts.en'])" in out
     assert [t.options.get("lang") for t in trainer.cfg.stages[0].losses] == [None, "en"]
@@ -282,25 +260,25 @@ def test_free_text_mistakes_fail_before_training_naming_the_key(tmp_path, tokeni
     student = build_student("test-clip", tokenizer)
     cfg = recipe(tmp_path, free_file, extra_loss={"name": "fd", "tower": "text", "lang": "texts.zh"})
     with pytest.raises(ConfigError, match=re.escape("stages.0.losses.2 (fd) reads ['texts.zh'], but data.texts has")):
-        Trainer(cfg, student, pair_items(), [teacher])
+        Trainer(cfg, student, pair_items(16), [teacher])
     cfg = recipe(tmp_path, free_file, texts=0)
     with pytest.raises(ConfigError, match=re.escape("reads ['texts.en'], but stages.0.texts is 0")):
-        Trainer(cfg, student, pair_items(), [teacher])
+        Trainer(cfg, student, pair_items(16), [teacher])
     cfg = recipe(tmp_path, free_file, extra_loss={"name": "fd", "tower": "text", "lang": "texts.en", "level": "token"})
     with pytest.raises(ConfigError, match="free texts give pooled embeddings only"):
-        Trainer(cfg, student, pair_items(), [teacher])
+        Trainer(cfg, student, pair_items(16), [teacher])
     only_fd = "only fd on the text tower reads them, with teacher_lang left out"
     for term in (
         {"name": "xling", "langs": ["texts.en"], "target_lang": "en"},
         {"name": "fd", "tower": "text", "lang": "texts.en", "teacher_lang": "en"},
     ):
         with pytest.raises(ConfigError, match=re.escape(only_fd)):
-            Trainer(recipe(tmp_path, free_file, extra_loss=term), student, pair_items(), [teacher])
+            Trainer(recipe(tmp_path, free_file, extra_loss=term), student, pair_items(16), [teacher])
     raw = to_dict(recipe(tmp_path, free_file))
     raw["data"]["texts"]["zh"] = raw["data"]["texts"]["en"]
     raw["stages"][0]["losses"][2]["options"]["lang"] = "texts.zh"  # an English-only teacher
     with pytest.raises(ConfigError, match=re.escape("reads ['texts.zh'], but teachers.0 embeds ['en']")):
-        Trainer(load_recipe(raw=raw), student, pair_items(), [teacher])
+        Trainer(load_recipe(raw=raw), student, pair_items(16), [teacher])
 
 
 def test_a_table_file_belongs_to_its_teachers_languages_and_texts(tmp_path):
@@ -331,7 +309,7 @@ def test_a_cached_teacher_keeps_its_free_text_table_beside_the_shards(tmp_path, 
     teacher.save_pretrained(tmp_path / "teacher")
     cache = tmp_path / "cache"
     cfg = recipe(tmp_path, free_file, name_or_path=str(tmp_path / "teacher"), source="cache", cache=str(cache))
-    items = pair_items()
+    items = pair_items(16)
     build_recipe_cache(cfg, [teacher], items)
     source = open_recipe_cache(cfg, items)
     free = load_free_texts(cfg.data.texts)

@@ -309,6 +309,18 @@ class CachedTeachers:
             self.close()
 
 
+def cached_teacher_entries(
+    directory: str | os.PathLike, teachers: Sequence[dict[str, Any]], fields: Sequence[Sequence[str]]
+) -> list[dict[str, Any]]:
+    """The manifest entries of a cache's columns for these teachers (identities and text fields, as
+    :class:`CachedTeachers` takes them), without reading the dataset: what identifies their outputs."""
+    manifest = read_manifest(Path(directory))
+    if manifest is None:
+        raise CacheError(f"no teacher cache at {directory} (no {MANIFEST}): build it with `vldistill cache`")
+    columns = _match_teachers(manifest["teachers"], list(teachers), [list(f) for f in fields])
+    return [manifest["teachers"][k] for k in columns]
+
+
 def _match_teachers(cached: list[dict[str, Any]], run: list[dict[str, Any]], fields: list[list[str]]) -> list[int]:
     """For each of the run's teachers, the cache column that holds its outputs: a cache of several teachers serves
     any of them, in any order. A teacher the cache lacks is refused, naming what differs from the cached teacher in

@@ -310,13 +310,13 @@ def cache_recipe(
     rows = training_samples(train_data.dataset)
     result = build_recipe_cache(cfg, teachers, rows, directory, rebuild=rebuild)
     if cfg.data.texts and any(s.texts for s in cfg.stages):  # the free texts' table beside the shards
-        from ..cache import CachedTeachers, recipe_fields, recipe_identities
+        from ..cache import recipe_fields, recipe_identities
+        from ..cache.read import cached_teacher_entries
 
         free = load_free_texts(cfg.data.texts)
-        source = CachedTeachers(
-            directory, rows, recipe_identities(cfg, teachers), recipe_fields(cfg, rows, teachers), cfg.cache
-        )
-        free_text_tables(cfg, free, teachers, source)
+        fields = recipe_fields(cfg, rows, teachers)
+        entries = cached_teacher_entries(directory, recipe_identities(cfg, teachers), fields)  # no data read again
+        free_text_tables(cfg, free, teachers, (directory, entries))
         result["free_texts"] = len(free)
     return result
 

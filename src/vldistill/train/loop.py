@@ -290,7 +290,7 @@ class Trainer:
         self.free_tables = (
             tables
             if tables is not None
-            else free_text_tables(config, free, self.teachers, self.teacher_source, self.accelerator)
+            else free_text_tables(config, free, self.teachers, _cache_of(self.teacher_source), self.accelerator)
         )
         counts = ", ".join(f"{n} {field}" for field, n in free.counts().items())
         per = ", ".join(f"{s.texts} in stages.{i}" for i, s in enumerate(config.stages) if s.texts)
@@ -677,16 +677,25 @@ def free_terms(stage: StageConfig) -> list[tuple[int, Any]]:
     return [(j, t) for j, t in enumerate(stage.losses) if free_terms_of(t)]
 
 
+def _cache_of(source) -> tuple[Path, list[dict[str, Any]]] | None:
+    """A teacher cache's directory and its entries of the run's teachers; ``None`` for live teachers."""
+    return (source.directory, source.teacher_entries()) if hasattr(source, "teacher_entries") else None
+
+
 def free_text_tables(
-    cfg: RecipeConfig, free: FreeTexts, teachers: Sequence[Teacher], source, accelerator: Accelerator | None = None
+    cfg: RecipeConfig,
+    free: FreeTexts,
+    teachers: Sequence[Teacher],
+    cache: tuple[Path, list[dict[str, Any]]] | None = None,
+    accelerator: Accelerator | None = None,
 ) -> list[FreeTextTable]:
     """Each teacher's embeddings of the free texts of the languages it embeds (``teachers.N.languages``): read from
-    the teacher cache when it holds them, else computed with the loaded teachers (loading them, onto the run's
-    device, when the run reads a cache without them) and stored in the cache. Several processes: the main one
-    computes and stores, the others then read."""
-    entries = source.teacher_entries() if hasattr(source, "teacher_entries") else None
+    the teacher cache (``cache``: its directory and the manifest entries of the run's teachers) when it holds them,
+    else computed with the loaded teachers (loading them, onto the run's device, when the run reads a cache without
+    them) and stored in the cache. Several processes: the main one computes and stores, the others then read."""
+    entries = cache[1] if cache is not None else None
     langs = [list(t.languages) for t in cfg.teachers]
-    path = free_text_file(source.directory, entries, langs, free) if entries is not None else None
+    path = free_text_file(cache[0], entries, langs, free) if cache is not None else None
     several = accelerator is not None and accelerator.num_processes > 1 and path is not None
     if several and not accelerator.is_main_process:
         accelerator.wait_for_everyone()  # the main process stores the tables first

@@ -40,6 +40,7 @@ from ..data.splits import paired_indices
 from ..data.texts import load_free_texts
 from ..evaluation import agreement, evaluate
 from ..export.card import write_student_card
+from ..files import write_text
 from ..models import DualEncoder, Teacher, load_teacher
 from ..students import load_student, prepare_student
 from ..tokenization import train_wordpiece
@@ -309,9 +310,7 @@ def record_run(cfg: Any, key: str, summary: dict[str, Any]) -> None:
     """Mark the finished run in ``cfg.train.output_dir`` as reusable by a later run with the same ``key``."""
     out = Path(cfg.train.output_dir)
     kept = {k: v for k, v in summary.items() if k not in ("output_dir", "student_dir")}
-    tmp = out / f".tmp-{REUSE_FILE}"
-    tmp.write_text(json.dumps({"key": key, "summary": kept}, indent=2) + "\n")
-    os.replace(tmp, out / REUSE_FILE)
+    write_text(out / REUSE_FILE, json.dumps({"key": key, "summary": kept}, indent=2) + "\n")  # atomic
 
 
 # --------------------------------------------------------------------------------------------- the teacher
