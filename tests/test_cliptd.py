@@ -93,6 +93,26 @@ def test_the_parts_are_the_unweighted_visual_and_text_means():
     assert parts["visual"].item() == pytest.approx(2.0) and parts["text"].item() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize(
+    ("parts", "expected", "logged"),
+    # similarity, k=1, w = 0.5: the visual term is patch 5's 2.0, the text term token 2's 1.0 (see above)
+    [(["visual"], 0.5 * 2.0, "visual"), (["text"], 0.5 * 1.0, "text"), ("visual", 0.5 * 2.0, "visual")],
+)
+def test_parts_keeps_one_term_for_an_ablation(parts, expected, logged):
+    value, terms = clip_td(k=1, scorer="similarity", parts=parts)(step())
+    assert value.item() == pytest.approx(expected)
+    assert set(terms) == {logged, "w"}
+    both, _ = clip_td(k=1, scorer="similarity", parts=["text", "visual"])(step())
+    assert both.item() == pytest.approx(0.5 * (2.0 + 1.0))
+
+
+def test_a_single_term_still_trains_only_its_own_head():
+    loss = clip_td(k=1, parts=["visual"])
+    value, _ = loss(step())
+    value.backward()
+    assert loss.proj_v.weight.grad is not None and loss.proj_t.weight.grad is None
+
+
 def test_confidence_without_candidates_is_the_image_text_cosine_mapped_to_0_1():
     teacher = Embeddings(image=T([[1.0, 0.0]]), text={"qa": T([[1.0, 1.0]])})  # cos = 1/sqrt(2)
     value, parts = clip_td(k=1)(step(teacher=teacher))
@@ -223,6 +243,9 @@ def test_needs_are_declared_by_the_scorer():
         ({"field": "question"}, "loss 'clip_td': field='question' is not allowed; choose one of: 'auto', 'qa'"),
         ({"scale": -1}, "loss 'clip_td': scale=-1 is not allowed; it must be a positive number"),
         ({"teacher": 2}, "loss 'clip_td': teacher=2 is not allowed; choose null (every teacher) or an index in 0..0"),
+        ({"parts": []}, "loss 'clip_td': parts=[] is not allowed; give a non-empty list of distinct terms from"),
+        ({"parts": ["image"]}, "parts=['image'] is not allowed; give a non-empty list of distinct terms from ['vis"),
+        ({"parts": ["text", "text"]}, "parts=['text', 'text'] is not allowed"),
         ({"lambda": 2}, "unknown option(s) 'lambda' for loss 'clip_td'; allowed options: k, scorer, norm"),
     ],
 )

@@ -28,6 +28,8 @@ SCORERS = ("attention", "similarity", "all")
 CLIP_TD_NORMS = ("l1", "l2")
 #: How the per-token distance reduces over the ``d`` dimensions.
 CLIP_TD_REDUCTIONS = ("mean", "sum")
+#: The two terms of the loss: the visual tokens against ``v``, the text tokens against ``t_y*``.
+CLIP_TD_PARTS = ("visual", "text")
 #: Text fields that hold ``t_y*``, tried in this order by ``field: auto``.
 TARGET_FIELDS = ("qa", "hypothesis", "candidates")
 
@@ -42,7 +44,8 @@ class ClipTargetedDistillation(Loss):
         L = 1/B sum_i w_i [ 1/|V_i| sum_{j in V_i} D(P_v(h_ij), v_i) + 1/|T_i| sum_{j in T_i} D(P_t(h_ij), t_i) ]
 
     and the recipe adds the task loss: ``L_total = L_task + lambda * L`` with ``lambda`` this term's ``weight:``
-    (default 1).
+    (default 1). ``parts`` keeps one of the two terms for an ablation (``[visual]``: the first sum only; ``[text]``:
+    the second only); the default is both, the papers' loss.
 
     - ``P_v``, ``P_t``: linear heads from the student's hidden width to the teacher's embedding width. They exist
       only for distillation: they live in this loss module, are trained with the student and saved with the run's
@@ -89,6 +92,7 @@ class ClipTargetedDistillation(Loss):
         field: the text field of ``t_{y*}``: ``auto``, ``qa``, ``hypothesis`` or ``candidates``.
         scale: the softmax scale ``s`` of the multiple-choice confidence; ``None``: the teacher's own.
         teacher: index of the teacher whose outputs are distilled (default 0, the first).
+        parts: the terms to compute, ``visual`` and / or ``text`` (default both).
     """
 
     @classmethod
@@ -112,6 +116,7 @@ class ClipTargetedDistillation(Loss):
         field: str = "auto",
         scale: float | None = None,
         teacher: int = 0,
+        parts: list[str] | tuple[str, ...] = CLIP_TD_PARTS,
     ):
         super().__init__(dims)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -127,6 +132,7 @@ class ClipTargetedDistillation(Loss):
         self.normalize = _check_bool("normalize", normalize)
         self.confidence = _check_bool("confidence", confidence)
         self.scale = None if scale is None else _check_positive("scale", scale)
+        self.parts = _check_parts(parts)
         self.needs = self.needs_for(scorer=scorer)
         width = dims.teachers[self.teacher_index].embed
         self.proj_v = nn.Linear(dims.student.image_width, width)
@@ -149,15 +155,18 @@ class ClipTargetedDistillation(Loss):
             w = torch.ones_like(w)
 
         states = states.float()
-        visual = self._tokens(self.proj_v(states), v, image_mask, attention)
-        text = self._tokens(self.proj_t(states), t, text_mask, attention)
-        per_instance = (visual + text) * w.to(states.device)
+        terms = {}
+        if "visual" in self.parts:
+            terms["visual"] = self._tokens(self.proj_v(states), v, image_mask, attention)
+        if "text" in self.parts:
+            terms["text"] = self._tokens(self.proj_t(states), t, text_mask, attention)
+        per_instance = sum(terms.values()) * w.to(states.device)
         keep = valid.to(states.device)
         if not bool(keep.any()):  # no instance with a known right candidate: nothing to distil in this batch
             return states.sum() * 0.0, {}
         loss = per_instance[keep].mean()
-        parts = {"visual": visual[keep].mean().detach(), "text": text[keep].mean().detach(), "w": w[keep].mean()}
-        return loss, parts
+        parts = {name: term[keep].mean().detach() for name, term in terms.items()}
+        return loss, {**parts, "w": w[keep].mean()}
 
     def _text_target(self, teacher: Embeddings, v: Tensor, answer: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """``t_{y*}`` ``[B, d]``, the confidence ``w`` ``[B]`` and which instances have a target ``[B]`` (bool)."""
@@ -213,6 +222,21 @@ class ClipTargetedDistillation(Loss):
         return None
 
 
+def _check_parts(parts: Any) -> tuple[str, ...]:
+    if isinstance(parts, str):
+        parts = [parts]
+    if (
+        not isinstance(parts, list | tuple)
+        or not parts
+        or len(set(parts)) != len(parts)
+        or not all(isinstance(p, str) and p in CLIP_TD_PARTS for p in parts)
+    ):
+        raise ValueError(
+            f"parts={parts!r} is not allowed; give a non-empty list of distinct terms from {list(CLIP_TD_PARTS)}"
+        )
+    return tuple(p for p in CLIP_TD_PARTS if p in parts)
+
+
 def select_tokens(scores: Tensor | None, mask: Tensor, k: int) -> Tensor:
     """The top-``k`` tokens of each row by ``scores`` among those in ``mask`` (``[B, N]`` bool); every masked token
     when ``k`` is 0 or ``scores`` is ``None``, and all of a row's tokens when it has fewer than ``k``."""
@@ -226,6 +250,7 @@ def select_tokens(scores: Tensor | None, mask: Tensor, k: int) -> Tensor:
 
 __all__ = [
     "CLIP_TD_NORMS",
+    "CLIP_TD_PARTS",
     "CLIP_TD_REDUCTIONS",
     "SCORERS",
     "TARGET_FIELDS",
