@@ -18,6 +18,11 @@ the three methods, so ``gain`` (metric minus the same seed's ``no_kd``) is paire
 For MAD the teacher's zero-shot accuracy before and after
 adaptation is reported too (VQA and multiple choice; a similarity cannot answer entailment's "neutral").
 
+Beside the methods, the line the texts alone reach (``text_only``, no image, no training: a lookup of each test
+question's most frequent training answer, each hypothesis's most frequent label, each question + candidate's rate of
+being right; the same training items per seed) is written to ``setup.text_only``: a student at or below it has not
+learnt to use the image. ``--text-only`` computes that line alone (seconds) into ``OUTPUT/text_only.json``.
+
 The teacher is the quickstart's reference teacher (trained once and cached in ``runs/teachers/``, shared with
 ``vldistill quickstart`` and ``benchmarks/ablation.py``), or ``--teacher ID_OR_PATH``.
 
@@ -48,7 +53,8 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -135,6 +141,67 @@ class TaskData:
         if split.domain_shift is not None:
             test = apply_split(replace(split, low_shot=None), self.train, self.test)[1]
         return LabelledData(train), LabelledData(test)
+
+
+# ------------------------------------------------------------------------------------------------- texts alone
+class Lookup:
+    """The most frequent value seen with each key; ``fallback`` (the most frequent value overall) for new keys."""
+
+    def __init__(self, pairs: Iterable[tuple[Hashable, Hashable]]):
+        self.by_key: dict[Hashable, Counter] = defaultdict(Counter)
+        overall: Counter = Counter()
+        for key, value in pairs:
+            self.by_key[key][value] += 1
+            overall[value] += 1
+        self.fallback = overall.most_common(1)[0][0] if overall else None
+
+    def __call__(self, key: Hashable) -> Hashable:
+        seen = self.by_key.get(key)
+        return seen.most_common(1)[0][0] if seen else self.fallback
+
+
+def _pick(rate: dict[tuple, list[int]], keys: Sequence[tuple]) -> int:
+    """The candidate whose key was right most often in training (``[right, seen]``; unseen: 0); ties: the first."""
+    scores = [rate[k][0] / rate[k][1] if rate.get(k) else 0.0 for k in keys]
+    return max(range(len(keys)), key=lambda i: (scores[i], -i))
+
+
+def text_only(task: str, train: Sequence[Any], test: Sequence[Any]) -> dict[str, float]:
+    """The lookup's metrics on ``test`` (``accuracy``; multiple choice ``q2a``, ``qa2r``, ``q2ar``)."""
+    if not test:
+        raise ValueError(f"{task}: no test items")
+    if task == "vqa":
+        guess = Lookup((s.question, s.answer) for s in train)
+        return {"accuracy": sum(guess(s.question) == s.answer for s in test) / len(test)}
+    if task == "entailment":
+        guess = Lookup((s.hypothesis, s.label) for s in train)
+        return {"accuracy": sum(guess(s.hypothesis) == s.label for s in test) / len(test)}
+    rate: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    for s in train:
+        for i, c in enumerate(s.candidates):
+            rate[(s.question, c)][0] += int(i == s.answer_index)
+            rate[(s.question, c)][1] += 1
+        right = s.candidates[s.answer_index]
+        for i, r in enumerate(s.rationales):
+            rate[(s.question, right, r)][0] += int(i == s.rationale_index)
+            rate[(s.question, right, r)][1] += 1
+    q2a = qa2r = both = 0
+    for s in test:
+        a = _pick(rate, [(s.question, c) for c in s.candidates]) == s.answer_index
+        right = s.candidates[s.answer_index]
+        r = bool(s.rationales) and _pick(rate, [(s.question, right, x) for x in s.rationales]) == s.rationale_index
+        q2a, qa2r, both = q2a + a, qa2r + r, both + (a and r)
+    n = len(test)
+    return {"q2a": q2a / n, "qa2r": qa2r / n, "q2ar": both / n}
+
+
+def text_only_line(task: str, data: TaskData, regime: str, seeds: int) -> dict[str, Any]:
+    """:func:`text_only`'s headline metric over the regime's training draw of each seed: mean, std and per seed."""
+    values = []
+    for seed in range(seeds):
+        train, test = data.regime(replace(REGIMES[regime], seed=seed))
+        values.append(text_only(task, train.dataset.samples, test.dataset.samples)[HEADLINE[task]])
+    return {**stats(values), "per_seed": values}
 
 
 # ------------------------------------------------------------------------------------------------------------ runs
@@ -254,11 +321,15 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], before: float | None, 
 def format_table(result: dict[str, Any]) -> str:
     """Rows task / regime / method: metric, gain over no_kd (points, mean ± std) and whether it exceeds 2 std."""
     header = ["task", "regime", "method", "metric %", "gain (points)", "> 2 std", "wall s", "teacher zero-shot"]
+    header.append("text alone %")
+    lines_of_text = result.get("setup", {}).get("text_only", {})
     rows = []
     for task, regimes in result.items():
         if task == "setup":
             continue
         for regime, methods in regimes.items():
+            line = lines_of_text.get(task, {}).get(regime)
+            text_alone = f"{100 * line['mean']:.1f}" if line else ""
             for method, e in methods.items():
                 m, g = e["metric"], e.get("gain")
                 gain = f"{100 * g['mean']:+.1f} ± {100 * g['std']:.1f}" if g else "-"
@@ -271,7 +342,7 @@ def format_table(result: dict[str, Any]) -> str:
                 )
                 rows.append(
                     [task, regime, method, f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}", gain, beyond,
-                     f"{e['wall_seconds']:.0f}", zs_text]
+                     f"{e['wall_seconds']:.0f}", zs_text, text_alone]
                 )  # fmt: skip
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
@@ -295,6 +366,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-cache", default=None, help="reference teacher cache (runs/teachers; --smoke: OUTPUT)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: see the docstring)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 seed, 2 tasks: under a minute")
+    p.add_argument(
+        "--text-only", action="store_true",
+        help="only the line the texts alone reach (no image, no training) into OUTPUT/text_only.json: seconds",
+    )  # fmt: skip
     p.add_argument(
         "--merge", nargs="+", default=None, metavar="DIR",
         help="combine the task_distill.json of runs made in parts (e.g. one process per task) into OUTPUT",
@@ -355,12 +430,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.output)
+    if args.text_only:
+        return text_only_main(args)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         return _main(args, argv)
     finally:
         torch.set_num_threads(threads)
+
+
+def text_only_main(args: argparse.Namespace) -> dict[str, Any]:
+    """``--text-only``: :func:`text_only_line` for each task and regime, printed and written to ``text_only.json``."""
+    result: dict[str, Any] = {}
+    for task in args.tasks:
+        data = TaskData(task, args.train_limit, args.eval_limit, load_recipe(TASKS[task][0]).student.vocab_size)
+        for regime in args.regimes:
+            line = result.setdefault(task, {})[regime] = text_only_line(task, data, regime, args.seeds)
+            print(f"[task_distill] text alone: {task} {regime} {HEADLINE[task]} {100 * line['mean']:.1f} ± "
+                  f"{100 * line['std']:.1f}", flush=True)  # fmt: skip
+    result["setup"] = {"seeds": list(range(args.seeds)), "eval_items": args.eval_limit, "metric": HEADLINE}
+    write(Path(args.output), result, "text_only.json")
+    return result
 
 
 def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
@@ -391,6 +482,8 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
         setup["train_items"][task], setup["eval_items"][task] = len(data.train), len(data.test)
         for regime in args.regimes:
             args.split, args.regime_name = REGIMES[regime], regime
+            line = text_only_line(task, data, regime, args.seeds)
+            setup.setdefault("text_only", {}).setdefault(task, {})[regime] = line
             runs: dict[str, dict[int, dict[str, Any]]] = {}
             before, reason = None, None
             for seed in range(args.seeds):
@@ -418,11 +511,11 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
     return final
 
 
-def write(out: Path, result: dict[str, Any]) -> None:
+def write(out: Path, result: dict[str, Any], name: str = "task_distill.json") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".task_distill.json.tmp"
+    tmp = out / f".{name}.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out / "task_distill.json")
+    os.replace(tmp, out / name)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,6 +57,10 @@ def test_smoke_run_writes_every_task_regime_and_method_in_the_issues_shape(smoke
     assert setup["teacher"].startswith("reference teacher") and setup["student"].startswith("vilt-small")
     assert setup["metric"] == {"vqa": "accuracy", "multiple_choice": "q2ar"} and "(1 used)" in setup["machine"]
     assert setup["regimes"]["low_shot_1"]["low_shot"] == 0.01 and setup["regimes"]["domain_shift"]["domain_shift"]
+    for task in ("vqa", "multiple_choice"):  # the line the texts alone reach, per regime, beside the methods
+        assert list(setup["text_only"][task]) == ["low_shot_1", "low_shot_10", "domain_shift", "full"]
+        for line in setup["text_only"][task].values():
+            assert 0.0 <= line["mean"] <= 1.0 and len(line["per_seed"]) == 1 and line["std"] == 0.0
 
 
 def test_the_three_methods_start_from_the_same_student_and_only_the_distilled_ones_distil(smoke):
@@ -69,6 +74,41 @@ def test_the_three_methods_start_from_the_same_student_and_only_the_distilled_on
     assert "clip_td" not in rows["no_kd"] and "clip_td" in rows["clip_td"] and "clip_td" in rows["mad"]
     assert rows["no_kd"]["step"] == rows["clip_td"]["step"] == rows["mad"]["step"] == 2
     assert (runs / "mad" / "seed0" / "adapted-teacher" / "config.json").is_file()
+
+
+def vqa(question, answer):
+    return SimpleNamespace(question=question, answer=answer)
+
+
+def test_text_alone_answers_each_question_with_its_most_frequent_training_answer(bench):
+    train = [vqa("q1", "a"), vqa("q1", "a"), vqa("q1", "b"), vqa("q2", "c"), vqa("q3", "a")]
+    # q1 -> a (2 of 3), q2 -> c, an unseen q4 -> a (the most frequent answer overall)
+    assert bench.text_only("vqa", train, [vqa("q1", "a"), vqa("q2", "c"), vqa("q4", "a")]) == {"accuracy": 1.0}
+    assert bench.text_only("vqa", train, [vqa("q1", "b"), vqa("q2", "c"), vqa("q4", "c")]) == {"accuracy": 1 / 3}
+    hyp = [SimpleNamespace(hypothesis=h, label=y) for h, y in [("h1", 0), ("h1", 0), ("h2", 2)]]
+    test = [SimpleNamespace(hypothesis=h, label=y) for h, y in [("h1", 0), ("h2", 1), ("h9", 0)]]
+    assert bench.text_only("entailment", hyp, test) == {"accuracy": pytest.approx(2 / 3)}
+    with pytest.raises(ValueError, match="vqa: no test items"):
+        bench.text_only("vqa", train, [])
+
+
+def test_text_alone_on_multiple_choice_scores_each_candidate_by_how_often_it_was_right(bench):
+    def item(candidates, answer, rationales=(), rationale=-1):
+        return SimpleNamespace(
+            question="q", candidates=list(candidates), answer_index=answer, rationales=list(rationales),
+            rationale_index=rationale,
+        )  # fmt: skip
+
+    # "x" was right 2 of 2 times, "y" 0 of 2, "z" never seen; rationale "r1" right 1 of 1 after answer "x"
+    train = [item("xy", 0, ["r1", "r2"], 0), item("yx", 1)]
+    test = [
+        item("yx", 1, ["r2", "r1"], 1),  # picks x (right) and r1 (right)
+        item("zx", 1, ["r1", "r3"], 1),  # picks x (right), then r1 over the unseen r3: wrong
+        item("zy", 0),  # z (unseen, 0) ties with y (0 of 2): the first, z, is right; no rationales
+    ]
+    assert bench.text_only("multiple_choice", train, test) == {
+        "q2a": 1.0, "qa2r": pytest.approx(1 / 3), "q2ar": pytest.approx(1 / 3)
+    }  # fmt: skip
 
 
 def test_gains_are_paired_by_seed(bench):

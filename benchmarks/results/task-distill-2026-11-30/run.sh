@@ -1,0 +1,23 @@
+#!/bin/bash
+# The runs behind README "CLIP-TD and MAD" (2-core x86_64 CPU, torch 2.13.0+cpu, 2026-11-30). Each wrote
+# OUTPUT/task_distill.json; the copies here are task_distill.json, text_only.json and ablation/NAME.json.
+set -e
+# The benchmark (18:06-18:42 UTC, three processes at the same time, then merged):
+python benchmarks/task_distill.py --tasks vqa --output runs/bench/td_idle/vqa &
+python benchmarks/task_distill.py --tasks entailment --output runs/bench/td_idle/entailment &
+python benchmarks/task_distill.py --tasks multiple_choice --output runs/bench/td_idle/multiple_choice &
+wait
+python benchmarks/task_distill.py --merge runs/bench/td_idle/vqa runs/bench/td_idle/entailment \
+    runs/bench/td_idle/multiple_choice --output runs/bench
+# The line the texts alone reach (seconds):
+python benchmarks/task_distill.py --text-only
+# What changes the VQA result (21:47-22:14 UTC, the two groups at the same time):
+B="--tasks vqa --regimes low_shot_1 low_shot_10 --methods no_kd clip_td"
+(python benchmarks/task_distill.py $B --clip-td '{"parts": ["visual"]}' --output runs/bench/td_ablation/visual_only
+ python benchmarks/task_distill.py $B --clip-td '{"parts": ["text"]}' --output runs/bench/td_ablation/text_only
+ python benchmarks/task_distill.py $B --clip-td '{"weight": 0.1}' --output runs/bench/td_ablation/weight_0.1) &
+(python benchmarks/task_distill.py --tasks vqa --regimes low_shot_1 --methods no_kd clip_td --steps 1000 \
+    --output runs/bench/td_ablation/steps_1000
+ python benchmarks/task_distill.py --tasks vqa --regimes low_shot_1 --methods no_kd mad --adapt-steps 200 \
+    --output runs/bench/td_ablation/adapt_200) &
+wait
