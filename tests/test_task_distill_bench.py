@@ -76,8 +76,8 @@ def test_the_three_methods_start_from_the_same_student_and_only_the_distilled_on
     assert (runs / "mad" / "seed0" / "adapted-teacher" / "config.json").is_file()
 
 
-def vqa(question, answer):
-    return SimpleNamespace(question=question, answer=answer)
+def vqa(question, answer, answers=None):
+    return SimpleNamespace(question=question, answer=answer, answers=answers or [answer])
 
 
 def test_text_alone_answers_each_question_with_its_most_frequent_training_answer(bench):
@@ -88,8 +88,19 @@ def test_text_alone_answers_each_question_with_its_most_frequent_training_answer
     hyp = [SimpleNamespace(hypothesis=h, label=y) for h, y in [("h1", 0), ("h1", 0), ("h2", 2)]]
     test = [SimpleNamespace(hypothesis=h, label=y) for h, y in [("h1", 0), ("h2", 1), ("h9", 0)]]
     assert bench.text_only("entailment", hyp, test) == {"accuracy": pytest.approx(2 / 3)}
+    # scored by VQA accuracy against every reference answer, as the students are: "a" matches 2 of 4 annotators
+    assert bench.text_only("vqa", train, [vqa("q1", "a", ["a", "a", "b", "b"])])["accuracy"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="vqa: no test items"):
         bench.text_only("vqa", train, [])
+
+
+def test_text_only_writes_the_line_of_every_task_and_regime_without_training(bench, tmp_path):
+    result = bench.main(["--smoke", "--text-only", "--output", str(tmp_path)])
+    assert json.loads((tmp_path / "text_only.json").read_text()) == json.loads(json.dumps(result))
+    assert list(result) == ["vqa", "multiple_choice", "setup"] and not (tmp_path / "task_distill.json").exists()
+    for task in ("vqa", "multiple_choice"):
+        assert list(result[task]) == ["low_shot_1", "low_shot_10", "domain_shift", "full"]
+        assert all(0.0 <= line["mean"] <= 1.0 for line in result[task].values())
 
 
 def test_text_alone_on_multiple_choice_scores_each_candidate_by_how_often_it_was_right(bench):
