@@ -3,7 +3,9 @@
 For each task (``vqa``, ``entailment``, ``multiple_choice``), regime (``low_shot_1``: 1% of the training items,
 ``low_shot_10``: 10%, ``domain_shift``: the held-out colour-shape combinations, ``full``) and seed, three methods
 fine-tune the same cross-modal student (``vilt-small``: the same tokenizer, trained once per task on its training
-texts, and the same initial weights per seed) for the same steps at the same batch size on the same training items:
+texts, and the same initial weights per seed; or ``--student ID_OR_PATH``, a ViLT checkpoint with its own tokenizer
+and image processor and a new task head, as the papers fine-tune a pretrained model) for the same steps at the same
+batch size on the same training items:
 
 - ``no_kd``: the task loss alone (no teacher);
 - ``clip_td``: the task loss + ``clip_td`` from the frozen teacher (``recipes/cliptd-*.yaml``);
@@ -31,6 +33,7 @@ Usage::
     .venv/bin/python benchmarks/task_distill.py              # the full benchmark (sizes below)
     .venv/bin/python benchmarks/task_distill.py --smoke      # tiny sizes, 1 seed, 2 tasks: under a minute
     .venv/bin/python benchmarks/task_distill.py --tasks vqa --regimes low_shot_1 full --seeds 2
+    .venv/bin/python benchmarks/task_distill.py --student dandelin/vilt-b32-mlm --teacher openai/clip-vit-base-patch32
 
 Default sizes: every training item of each task (VQA 38,575 questions, entailment 12,000 pairs, multiple choice
 4,000 items; 1% of them is 385 / 120 / 40), 150 steps per run at batch 16 (VQA, entailment) or 4 (multiple choice:
@@ -226,7 +229,9 @@ def run_config(
         "train.log_every": max(args.steps // 4, 1),
         "train.output_dir": str(Path(args.output) / "task_distill" / task / args.regime_name / method / f"seed{seed}"),
     }
-    if args.smoke:
+    if args.student:  # a ViLT checkpoint: its own architecture, tokenizer and image processor
+        overrides["student.name_or_path"] = args.student
+    elif args.smoke:
         overrides["student.overrides"] = SMOKE_STUDENT
     if method == "no_kd":
         overrides["teachers"] = []
@@ -271,8 +276,10 @@ def run_one(
     cfg = run_config(task, method, args.split, seed, args, teacher_dir, n_pairs)
     shutil.rmtree(cfg.train.output_dir, ignore_errors=True)
     start = time.perf_counter()
-    # The same initial student for the three methods (prepare_student seeds with train.seed) and one tokenizer.
-    student = prepare_student(cfg, tokenizer=data.tokenizer, answers=data.train.answers or None)
+    # The same initial student for the three methods (prepare_student seeds with train.seed) and one tokenizer
+    # (a checkpoint's own with --student).
+    tokenizer = None if args.student else data.tokenizer
+    student = prepare_student(cfg, tokenizer=tokenizer, answers=data.train.answers or None)
     teachers = [] if method == "no_kd" else [teacher]
     summary = fit_recipe(
         cfg, teachers=teachers, student=student, train_data=train, evaluate_after=False, overwrite=True
@@ -363,6 +370,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=None, help="training items per task (default: all)")
     p.add_argument("--eval-limit", type=int, default=None, help=f"test items per task ({DEFAULTS['eval_limit']})")
     p.add_argument("--teacher", default=None, help="hub id or directory of the teacher (default: the reference one)")
+    p.add_argument(
+        "--student", default=None, metavar="ID_OR_PATH",
+        help="a ViLT checkpoint (hub id or directory, e.g. a pretrained one) to fine-tune instead of a new vilt-small",
+    )  # fmt: skip
     p.add_argument("--output", default="runs/bench", help="writes OUTPUT/task_distill.json (default: runs/bench)")
     p.add_argument("--teacher-cache", default=None, help="reference teacher cache (runs/teachers; --smoke: OUTPUT)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: see the docstring)")
@@ -463,7 +474,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
     setup: dict[str, Any] = {
         "seeds": list(range(args.seeds)),
         "teacher": teacher_name,
-        "student": "vilt-small" + (" (smoke: hidden 32 x 1 layer)" if args.smoke else ""),
+        "student": args.student or "vilt-small" + (" (smoke: hidden 32 x 1 layer)" if args.smoke else ""),
         "steps": args.steps,
         "batch_size": {t: args.batch_size[t] for t in args.tasks},
         "adapt": {"steps": args.adapt_steps, "batch_size": args.adapt_batch_size, "lr": 1e-4},

@@ -12,6 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import ViltConfig, ViltModel
+
+from vldistill.data.sources import load_task_data
+from vldistill.students.crossmodal import vilt_image_processor
+from vldistill.tokenization import train_wordpiece
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "task_distill.py"
 
@@ -74,6 +79,31 @@ def test_the_three_methods_start_from_the_same_student_and_only_the_distilled_on
     assert "clip_td" not in rows["no_kd"] and "clip_td" in rows["clip_td"] and "clip_td" in rows["mad"]
     assert rows["no_kd"]["step"] == rows["clip_td"]["step"] == rows["mad"]["step"] == 2
     assert (runs / "mad" / "seed0" / "adapted-teacher" / "config.json").is_file()
+
+
+def test_a_vilt_checkpoint_is_fine_tuned_instead_of_vilt_small_with_its_own_tokenizer(bench, smoke, tmp_path):
+    questions = [s.question for s in load_task_data("bundled:easyvqa-vqa", "vqa", split="train", limit=300).samples]
+    tokenizer = train_wordpiece(questions, vocab_size=200)
+    torch.manual_seed(0)
+    config = ViltConfig(
+        vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+        image_size=32, patch_size=16, max_position_embeddings=40,
+    )  # fmt: skip
+    checkpoint = tmp_path / "vilt"
+    ViltModel(config).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    vilt_image_processor(32, 16).save_pretrained(checkpoint)
+    out = tmp_path / "bench"
+    args = ["--smoke", "--tasks", "vqa", "--regimes", "low_shot_10", "--methods", "no_kd", "clip_td"]
+    result = bench.main(
+        [*args, "--student", str(checkpoint), "--teacher-cache", str(smoke / "teachers"), "--output", str(out)]
+    )
+    assert result["setup"]["student"] == str(checkpoint)
+    for method in ("no_kd", "clip_td"):
+        init = out / "task_distill" / "vqa" / "low_shot_10" / method / "seed0" / "student-init"
+        assert json.loads((init / "config.json").read_text())["hidden_size"] == 48  # the checkpoint, not vilt-small
+        assert json.loads((init / "tokenizer.json").read_text()) == json.loads(tokenizer.backend_tokenizer.to_str())
+        assert 0.0 <= result["vqa"]["low_shot_10"][method]["metric"]["mean"] <= 1.0
 
 
 def vqa(question, answer, answers=None):
