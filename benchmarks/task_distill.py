@@ -425,7 +425,7 @@ def merge(parts: Sequence[str], output: str) -> dict[str, Any]:
                 raise SystemExit(f"--merge: task {task!r} is in more than one part ({part})")
             result[task] = regimes
     setup = dict(setups[0])
-    for key in ("batch_size", "metric", "train_items", "eval_items"):
+    for key in ("batch_size", "metric", "train_items", "eval_items", "text_only"):
         setup[key] = {k: v for s in setups for k, v in s.get(key, {}).items()}
     setup["parts"] = [{"command": s["command"], "total_wall_seconds": s.get("total_wall_seconds")} for s in setups]
     setup["command"] = " && ".join(s["command"] for s in setups) + " (run at the same time), then --merge"

@@ -197,6 +197,7 @@ def test_clip_td_options_reach_the_loss_and_parts_merge(bench, tmp_path):
     # two parts (one task each) merge into one result with both tasks and both commands
     for name, task, wall in (("a", "vqa", 10.0), ("b", "entailment", 30.0)):
         setup = {"command": f"part {name}", "total_wall_seconds": wall, "metric": {task: "accuracy"}, "seeds": [0]}
+        setup["text_only"] = {task: {"full": {"mean": wall / 100, "std": 0.0, "per_seed": [wall / 100]}}}
         bench.write(
             tmp_path / name,
             {task: {"full": {"no_kd": {"metric": {"mean": 0.5, "std": 0.0}, "wall_seconds": 1.0}}}, "setup": setup},
@@ -205,5 +206,7 @@ def test_clip_td_options_reach_the_loss_and_parts_merge(bench, tmp_path):
     assert list(merged) == ["vqa", "entailment", "setup"]
     assert merged["setup"]["total_wall_seconds"] == 30.0 and len(merged["setup"]["parts"]) == 2
     assert merged["setup"]["metric"] == {"vqa": "accuracy", "entailment": "accuracy"}
+    lines = merged["setup"]["text_only"]  # each part's line of the texts alone, kept
+    assert {task: line["full"]["mean"] for task, line in lines.items()} == {"vqa": 0.1, "entailment": 0.3}
     with pytest.raises(SystemExit, match="more than one part"):
         bench.merge([str(tmp_path / "a"), str(tmp_path / "a")], str(tmp_path / "m2"))
