@@ -21,3 +21,9 @@ B="--tasks vqa --regimes low_shot_1 low_shot_10 --methods no_kd clip_td"
  python benchmarks/task_distill.py --tasks vqa --regimes low_shot_1 --methods no_kd mad --adapt-steps 200 \
     --output runs/bench/td_ablation/adapt_200) &
 wait
+# The visual term alone at 1,000 steps (22:48-23:07 UTC, the two at the same time):
+python benchmarks/task_distill.py --tasks vqa --methods no_kd clip_td --steps 1000 --clip-td '{"parts": ["visual"]}' \
+    --regimes low_shot_1 --output runs/bench/td_ablation/steps_1000_visual_1 &
+python benchmarks/task_distill.py --tasks vqa --methods no_kd clip_td --steps 1000 --clip-td '{"parts": ["visual"]}' \
+    --regimes low_shot_10 --output runs/bench/td_ablation/steps_1000_visual_10 &
+wait
