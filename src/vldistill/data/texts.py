@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +82,7 @@ class FreeTexts:
 
     def counts(self) -> dict[str, int]:
         """Rows per field."""
-        out: dict[str, int] = {}
-        for field in self.fields:
-            out[field] = out.get(field, 0) + 1
-        return out
+        return dict(Counter(self.fields))
 
     def item(self, row: int) -> dict[str, object]:
         """Row ``row`` as a batch item: the collator routes it to the field ``free_field``."""

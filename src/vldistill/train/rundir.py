@@ -232,10 +232,6 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             continue
         if a[key] != b[key]:
             out.append(f"{key} ({_shown(a[key])} there, {_shown(b[key])} now)")
-    # a mapping whose keys are data (free texts' languages): one language more or fewer changes every batch
-    texts = [(c.get("data") or {}).get("texts") or {} for c in (old, new)]
-    if texts[0] != texts[1] and not any(d.startswith("data.texts") for d in out):
-        out.append(f"data.texts ({_shown(texts[0])} there, {_shown(texts[1])} now)")
     return out
 
 
@@ -246,9 +242,14 @@ class _Items(int):
         return f"{int(self)} items"
 
 
+#: Mappings whose keys are data, compared whole: a language of free texts more or fewer changes every batch, where a
+#: key new on one side would otherwise pass as a field added with its default.
+WHOLE_VALUES = ("data.texts",)
+
+
 def _flatten(value: Any, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
     out = {} if out is None else out
-    if isinstance(value, dict):
+    if isinstance(value, dict) and prefix not in WHOLE_VALUES:
         for key, item in value.items():
             _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
     elif isinstance(value, list) and any(isinstance(item, dict) for item in value):

@@ -64,7 +64,7 @@ class StageSampler:
         for m in range(self.start, self.total):
             if m // self.per_epoch != epoch:
                 epoch = m // self.per_epoch
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stage * 10_007 + epoch)
+                g = torch.Generator().manual_seed(self._order_seed(epoch))
                 perm = torch.randperm(self.n, generator=g).tolist()
             i = (m % self.per_epoch) * self.samples
             if self.epochs:
@@ -78,6 +78,10 @@ class StageSampler:
                 keys = [(j, (epoch + offsets[j]) % self.views) for j in perm[i : i + self.samples]]
             yield keys if self.texts is None else self._with_texts(keys, m, epoch)
 
+    def _order_seed(self, epoch: int) -> int:
+        """The seed of an epoch's order, one per run seed and stage (free texts: offset per field)."""
+        return self.seed * 1_000_003 + self.stage * 10_007 + epoch
+
     def _with_texts(self, keys: list, m: int, epoch: int) -> list:
         """Micro-batch ``m``'s keys followed by its free texts' (interleaved in ``pieces`` parts)."""
         k, counts = self.texts
@@ -86,7 +90,7 @@ class StageSampler:
             rows = []
             for p in range(m * k, (m + 1) * k):  # position p of this field's stream: its text epoch p // total
                 if self._text_perm.get(f, (-1,))[0] != p // total:
-                    seed = self.seed * 1_000_003 + self.stage * 10_007 + p // total + 500_009 + f * 7_919
+                    seed = self._order_seed(p // total + 500_009 + f * 7_919)
                     self._text_perm[f] = (
                         p // total,
                         torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist(),
