@@ -127,12 +127,19 @@ SMOKE_TEACHER = {
 class TaskData:
     """One task's training and test items (loaded once) and its tokenizer; the regimes are cut from them."""
 
-    def __init__(self, task: str, train_limit: int | None, eval_limit: int | None, vocab_size: int):
+    def __init__(
+        self, task: str, train_limit: int | None, eval_limit: int | None, vocab_size: int, eval_offset: int = 0
+    ):
         self.task = task
         kind_source = TASKS[task][1]
         self.train = load_task_data(kind_source, task, split="train", limit=train_limit)
         answers = self.train.answers or None
-        self.test = load_task_data(kind_source, task, split="test", limit=eval_limit, answers=answers)
+        # A smaller limit gives a prefix of a larger one, so the items after the first eval_offset are new ones.
+        limit = None if eval_limit is None else eval_offset + eval_limit
+        test = load_task_data(kind_source, task, split="test", limit=limit, answers=answers)
+        if eval_offset >= len(test):
+            raise SystemExit(f"--eval-offset {eval_offset}: the {task} test split has only {len(test)} items")
+        self.test = test.subset(range(eval_offset, len(test))) if eval_offset else test
         self.tokenizer = train_wordpiece(tokenizer_corpus(LabelledData(self.train), []), vocab_size=vocab_size)
 
     def regime(self, split: SplitConfig) -> tuple[LabelledData, LabelledData]:
@@ -199,10 +206,10 @@ def text_only(task: str, train: Sequence[Any], test: Sequence[Any]) -> dict[str,
     return {"q2a": q2a / n, "qa2r": qa2r / n, "q2ar": both / n}
 
 
-def text_only_line(task: str, data: TaskData, regime: str, seeds: int) -> dict[str, Any]:
+def text_only_line(task: str, data: TaskData, regime: str, seeds: Sequence[int]) -> dict[str, Any]:
     """:func:`text_only`'s headline metric over the regime's training draw of each seed: mean, std and per seed."""
     values = []
-    for seed in range(seeds):
+    for seed in seeds:
         train, test = data.regime(replace(REGIMES[regime], seed=seed))
         values.append(text_only(task, train.dataset.samples, test.dataset.samples)[HEADLINE[task]])
     return {**stats(values), "per_seed": values}
@@ -364,11 +371,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None, metavar="TASK")
     p.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES), metavar="REGIME")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD")
-    p.add_argument("--seeds", type=int, default=None, help=f"seeds 0..N-1 (default {DEFAULTS['seeds']})")
+    p.add_argument("--seeds", type=int, default=None, help=f"how many seeds (default {DEFAULTS['seeds']})")
+    p.add_argument("--first-seed", type=int, default=0, help="the seeds are FIRST..FIRST+N-1 (default 0)")
     p.add_argument("--steps", type=int, default=None, help=f"steps per run (default {DEFAULTS['steps']})")
     p.add_argument("--adapt-steps", type=int, default=None, help=f"MAD adaptation steps ({DEFAULTS['adapt_steps']})")
     p.add_argument("--train-limit", type=int, default=None, help="training items per task (default: all)")
     p.add_argument("--eval-limit", type=int, default=None, help=f"test items per task ({DEFAULTS['eval_limit']})")
+    p.add_argument(
+        "--eval-offset", type=int, default=0,
+        help="skip the first N test items (e.g. 300: the next --eval-limit items, unseen by the default runs)",
+    )  # fmt: skip
     p.add_argument("--teacher", default=None, help="hub id or directory of the teacher (default: the reference one)")
     p.add_argument(
         "--student", default=None, metavar="ID_OR_PATH",
@@ -398,6 +410,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.batch_size, args.adapt_batch_size = sizes["batch_size"], sizes["adapt_batch_size"]
     if args.steps < 1 or args.seeds < 1 or args.adapt_steps < 1 or args.threads < 1:
         p.error("--steps, --adapt-steps, --seeds and --threads must be at least 1")
+    if args.first_seed < 0 or args.eval_offset < 0:
+        p.error("--first-seed and --eval-offset must be at least 0")
+    args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     return args
 
 
@@ -452,16 +467,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def task_data(task: str, args: argparse.Namespace) -> TaskData:
+    vocab_size = load_recipe(TASKS[task][0]).student.vocab_size
+    return TaskData(task, args.train_limit, args.eval_limit, vocab_size, args.eval_offset)
+
+
 def text_only_main(args: argparse.Namespace) -> dict[str, Any]:
     """``--text-only``: :func:`text_only_line` for each task and regime, printed and written to ``text_only.json``."""
     result: dict[str, Any] = {}
     for task in args.tasks:
-        data = TaskData(task, args.train_limit, args.eval_limit, load_recipe(TASKS[task][0]).student.vocab_size)
+        data = task_data(task, args)
         for regime in args.regimes:
-            line = result.setdefault(task, {})[regime] = text_only_line(task, data, regime, args.seeds)
+            line = result.setdefault(task, {})[regime] = text_only_line(task, data, regime, args.seed_list)
             print(f"[task_distill] text alone: {task} {regime} {HEADLINE[task]} {100 * line['mean']:.1f} ± "
                   f"{100 * line['std']:.1f}", flush=True)  # fmt: skip
-    result["setup"] = {"seeds": list(range(args.seeds)), "eval_items": args.eval_limit, "metric": HEADLINE}
+    result["setup"] = {
+        "seeds": args.seed_list,
+        "eval_items": args.eval_limit,
+        "eval_offset": args.eval_offset,
+        "metric": HEADLINE,
+    }
     write(Path(args.output), result, "text_only.json")
     return result
 
@@ -472,7 +497,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
     teacher_dir, teacher, teacher_name = get_teacher(args)
     result: dict[str, Any] = {}
     setup: dict[str, Any] = {
-        "seeds": list(range(args.seeds)),
+        "seeds": args.seed_list,
         "teacher": teacher_name,
         "student": args.student or "vilt-small" + (" (smoke: hidden 32 x 1 layer)" if args.smoke else ""),
         "steps": args.steps,
@@ -488,19 +513,20 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
         "vldistill": __version__,
         "train_items": {},
         "eval_items": {},
+        "eval_offset": args.eval_offset,
     }
     for task in args.tasks:
-        data = TaskData(task, args.train_limit, args.eval_limit, load_recipe(TASKS[task][0]).student.vocab_size)
+        data = task_data(task, args)
         setup["train_items"][task], setup["eval_items"][task] = len(data.train), len(data.test)
         for regime in args.regimes:
             args.split, args.regime_name = REGIMES[regime], regime
-            line = text_only_line(task, data, regime, args.seeds)
+            line = text_only_line(task, data, regime, args.seed_list)
             setup.setdefault("text_only", {}).setdefault(task, {})[regime] = line
             runs: dict[str, dict[int, dict[str, Any]]] = {}
             before, reason = None, None
-            for seed in range(args.seeds):
+            for seed in args.seed_list:
                 train, test = data.regime(replace(args.split, seed=seed))
-                if seed == 0 and "mad" in args.methods:
+                if seed == args.seed_list[0] and "mad" in args.methods:
                     cfg = load_recipe(TASKS[task][0], {"eval.batch_size": 64})
                     zs = zero_shot(teacher, cfg, test, data.train.answers)
                     before, reason = zs.get(HEADLINE[task]), zs.get("not_applicable")

@@ -133,6 +133,24 @@ def test_text_only_writes_the_line_of_every_task_and_regime_without_training(ben
         assert all(0.0 <= line["mean"] <= 1.0 for line in result[task].values())
 
 
+def test_first_seed_and_eval_offset_give_new_seeds_and_the_test_items_after_the_first_ones(bench, tmp_path):
+    args = bench.parse_args(["--smoke", "--seeds", "2", "--first-seed", "3", "--eval-offset", "10", "--eval-limit=5"])
+    assert args.seed_list == [3, 4]
+    data = bench.task_data("vqa", args)
+    first = load_task_data("bundled:easyvqa-vqa", "vqa", split="test", limit=15, answers=data.train.answers)
+    assert [s.question for s in data.test.samples] == [s.question for s in first.samples[10:]]
+    assert [s.image for s in data.test.samples] == [s.image for s in first.samples[10:]]
+    result = bench.main(["--smoke", "--text-only", "--first-seed", "3", "--seeds", "2", "--output", str(tmp_path)])
+    assert result["setup"]["seeds"] == [3, 4] and len(result["vqa"]["low_shot_1"]["per_seed"]) == 2
+    # the low-shot draw follows the seed: seeds 3 and 4 are not seed 0's draw
+    draws = [data.regime(bench.replace(bench.REGIMES["low_shot_10"], seed=s))[0].dataset.samples for s in (0, 3, 4)]
+    assert draws[1] != draws[0] and draws[2] != draws[0]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--eval-offset", "-1"])
+    with pytest.raises(SystemExit, match="only"):
+        bench.task_data("vqa", bench.parse_args(["--smoke", "--eval-offset", "10000000"]))
+
+
 def test_text_alone_on_multiple_choice_scores_each_candidate_by_how_often_it_was_right(bench):
     def item(candidates, answer, rationales=(), rationale=-1):
         return SimpleNamespace(
