@@ -169,7 +169,51 @@ def _common_languages(samples: Sequence[Sample], source: str) -> list[str]:
     return common
 
 
-class PairDataset(Dataset):
+class CheckedRows:
+    """The bad-row bookkeeping shared by the datasets that check their samples up front (:class:`PairDataset`,
+    :class:`~vldistill.data.tasks.TaskDataset`): where a sample came from, rejecting it (raise, or count it with
+    ``skip_bad``), the refusal when none is left and the one-line summary."""
+
+    source: str
+    skipped: int
+    skipped_reasons: list[str]
+    total: int
+
+    def _start_rows(self, source: str, total: int) -> None:
+        self.source = source
+        self.skipped = 0
+        self.skipped_reasons = []
+        self.total = total
+
+    def _noun(self) -> str:
+        return "samples"
+
+    def _where(self, index: int, sample: Any) -> str:
+        origin = getattr(sample, "origin", "")
+        return origin or (f"{self.source} sample {index}" if self.source else f"sample {index}")
+
+    def _reject(self, reason: str, skip_bad: bool) -> None:
+        if not skip_bad:
+            raise DataError(reason)
+        self.skipped += 1
+        self.skipped_reasons.append(reason)
+
+    def _none_left(self) -> DataError:
+        first = f" (first: {self.skipped_reasons[0]})" if self.skipped_reasons else ""
+        return DataError(f"{self.source or 'dataset'}: no valid samples out of {self.total}{first}")
+
+    def summary(self) -> str:
+        """One line for logs, e.g. ``"skipped 3 bad samples of 100 (first: ...)"``."""
+        name = f"{self.source}: " if self.source else ""
+        if not self.skipped:
+            return f"{name}{len(self)} {self._noun()}, none skipped"
+        return f"{name}skipped {self.skipped} bad samples of {self.total} (first: {self.skipped_reasons[0]})"
+
+    def __len__(self) -> int:
+        return len(self.samples)  # type: ignore[attr-defined]
+
+
+class PairDataset(CheckedRows, Dataset):
     """Image-caption pairs, checked up front.
 
     Every image is opened and fully decoded once at construction; every caption must be non-empty after stripping;
@@ -208,11 +252,8 @@ class PairDataset(Dataset):
         Raises:
             DataError: a sample is bad (without ``skip_bad``), or no sample is left.
         """
-        self.source = source
-        self.skipped = 0
-        self.skipped_reasons: list[str] = []
+        self._start_rows(source, len(samples))
         self._rejected: list[int] = []  # the index of each dropped sample, in the order of skipped_reasons
-        self.total = len(samples)
         requested = _check_language_list(languages, source)
         kept: list[Sample] = []
         images: list[Image.Image] = []
@@ -226,8 +267,7 @@ class PairDataset(Dataset):
             if preload:
                 images.append(result)
         if not kept:
-            first = f" (first: {self.skipped_reasons[0]})" if self.skipped_reasons else ""
-            raise DataError(f"{source or 'dataset'}: no valid samples out of {self.total}{first}")
+            raise self._none_left()
         self.samples = kept
         self.languages = requested if requested is not None else _common_languages(kept, source)
         self._images = images if preload else None
@@ -257,25 +297,6 @@ class PairDataset(Dataset):
             return
         with ThreadPoolExecutor(workers) as pool:
             yield from pool.map(one, rest)
-
-    def _where(self, index: int, sample: Sample) -> str:
-        return sample.origin or (f"{self.source} sample {index}" if self.source else f"sample {index}")
-
-    def _reject(self, reason: str, skip_bad: bool) -> None:
-        if not skip_bad:
-            raise DataError(reason)
-        self.skipped += 1
-        self.skipped_reasons.append(reason)
-
-    def summary(self) -> str:
-        """One line for logs, e.g. ``"skipped 3 bad samples of 100 (first: ...)"``."""
-        name = f"{self.source}: " if self.source else ""
-        if not self.skipped:
-            return f"{name}{len(self)} samples, none skipped"
-        return f"{name}skipped {self.skipped} bad samples of {self.total} (first: {self.skipped_reasons[0]})"
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = range(len(self.samples))[index]  # normalises negative indices and raises IndexError

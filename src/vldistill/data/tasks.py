@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vldistill.data.pairs import DataError, PairDataset, Sample, decode_image, image_at
+from vldistill.data.pairs import CheckedRows, DataError, PairDataset, Sample, decode_image, image_at
 
 __all__ = [
     "DEFAULT_QUESTION_TYPE",
@@ -332,7 +332,7 @@ class _Rejected:
 # The dataset.
 
 
-class TaskDataset(Dataset):
+class TaskDataset(CheckedRows, Dataset):
     """Samples of one task kind, checked up front.
 
     Items (``dataset[i]``) are dicts with these keys:
@@ -411,15 +411,11 @@ class TaskDataset(Dataset):
         kind = kind if kind is not None else (first.kind if first is not None else "")
         _check_kind(kind, source)
         self.kind = kind
-        self.source = source
-        self.skipped = 0
-        self.skipped_reasons: list[str] = []
-        self.total = len(entries)
+        self._start_rows(source, len(entries))
         vocabulary = self._given_vocabulary(answers)
         kept, images = self._check(entries, vocabulary, skip_bad, preload)
         if not kept:
-            first_reason = f" (first: {self.skipped_reasons[0]})" if self.skipped_reasons else ""
-            raise DataError(f"{source or 'dataset'}: no valid samples out of {self.total}{first_reason}")
+            raise self._none_left()
         self.samples: list[TaskSample] = kept
         if vocabulary is not None:
             self.answers = list(vocabulary)
@@ -503,22 +499,8 @@ class TaskDataset(Dataset):
                 images.append(image)
         return kept, images
 
-    def _where(self, index: int, sample: Any) -> str:
-        origin = getattr(sample, "origin", "")
-        return origin or (f"{self.source} sample {index}" if self.source else f"sample {index}")
-
-    def _reject(self, reason: str, skip_bad: bool) -> None:
-        if not skip_bad:
-            raise DataError(reason)
-        self.skipped += 1
-        self.skipped_reasons.append(reason)
-
-    def summary(self) -> str:
-        """One line for logs, e.g. ``"skipped 3 bad samples of 100 (first: ...)"``."""
-        name = f"{self.source}: " if self.source else ""
-        if not self.skipped:
-            return f"{name}{len(self)} {self.kind} samples, none skipped"
-        return f"{name}skipped {self.skipped} bad samples of {self.total} (first: {self.skipped_reasons[0]})"
+    def _noun(self) -> str:
+        return f"{self.kind} samples"
 
     def subset(self, indices: Iterable[int]) -> TaskDataset:
         """The items at ``indices`` (in that order), with the same answer vocabulary; no image is decoded again.
@@ -585,9 +567,6 @@ class TaskDataset(Dataset):
                     keep.append(i)
         images = [self._images[i] for i in keep] if self._images is not None else None
         return self._derived(samples, images, f"{self.source} (Q->A and QA->R samples)" if self.source else "")
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = range(len(self.samples))[index]  # normalises negative indices and raises IndexError
