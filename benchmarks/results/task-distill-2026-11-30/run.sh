@@ -30,3 +30,15 @@ wait
 # The same on entailment at 1% (23:20-23:35 UTC):
 python benchmarks/task_distill.py --tasks entailment --methods no_kd clip_td --steps 1000 \
     --clip-td '{"parts": ["visual"]}' --regimes low_shot_1 --output runs/bench/td_ablation/ve_steps_1000_visual_1
+# The replication planned in replication.md (2026-11-30 23:58 - 2026-12-01 00:17 UTC, the two at the same time):
+python benchmarks/task_distill.py --tasks vqa --regimes low_shot_1 --methods no_kd clip_td --steps 1000 \
+    --clip-td '{"parts": ["visual"]}' --first-seed 3 --eval-offset 300 --output runs/bench/td_replication/vqa_1 &
+python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_1 --methods no_kd clip_td \
+    --steps 1000 --clip-td '{"parts": ["visual"]}' --output runs/bench/td_replication/mc_1 &
+wait
+# The recipe's CLIP-TD and MAD on multiple choice at 1,000 steps (from 00:17 UTC, the two at the same time):
+python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_1 --steps 1000 \
+    --output runs/bench/td_replication/mc_recipe_1 &
+python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_10 --steps 1000 \
+    --output runs/bench/td_replication/mc_recipe_10 &
+wait
