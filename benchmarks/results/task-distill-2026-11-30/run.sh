@@ -42,3 +42,11 @@ python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_1 -
 python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_10 --steps 1000 \
     --output runs/bench/td_replication/mc_recipe_10 &
 wait
+# MAD on multiple choice at 10%, new seeds and test items, and the full data (from 00:46 UTC, two processes):
+python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_10 --steps 1000 --first-seed 3 \
+    --seeds 2 --eval-offset 300 --output runs/bench/td_replication/mc_recipe_10_s34 &
+(python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_10 --steps 1000 --first-seed 5 \
+    --seeds 1 --eval-offset 300 --output runs/bench/td_replication/mc_recipe_10_s5
+ python benchmarks/task_distill.py --tasks multiple_choice --regimes full --steps 1000 --methods no_kd mad \
+    --output runs/bench/td_replication/mc_full) &
+wait
