@@ -469,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def task_data(task: str, args: argparse.Namespace) -> TaskData:
+    """One task's :class:`TaskData` at the sizes and test-item offset of ``args``."""
     vocab_size = load_recipe(TASKS[task][0]).student.vocab_size
     return TaskData(task, args.train_limit, args.eval_limit, vocab_size, args.eval_offset)
 

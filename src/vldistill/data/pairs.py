@@ -174,6 +174,7 @@ class CheckedRows:
     :class:`~vldistill.data.tasks.TaskDataset`): where a sample came from, rejecting it (raise, or count it with
     ``skip_bad``), the refusal when none is left and the one-line summary."""
 
+    samples: list[Any]
     source: str
     skipped: int
     skipped_reasons: list[str]
@@ -210,7 +211,7 @@ class CheckedRows:
         return f"{name}skipped {self.skipped} bad samples of {self.total} (first: {self.skipped_reasons[0]})"
 
     def __len__(self) -> int:
-        return len(self.samples)  # type: ignore[attr-defined]
+        return len(self.samples)
 
 
 class PairDataset(CheckedRows, Dataset):
