@@ -50,3 +50,4 @@ python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_10 
  python benchmarks/task_distill.py --tasks multiple_choice --regimes full --steps 1000 --methods no_kd mad \
     --output runs/bench/td_replication/mc_full) &
 wait
+# (00:46 - 01:14 UTC; outcomes of every run above in replication.md)
