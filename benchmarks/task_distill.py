@@ -135,7 +135,10 @@ class TaskData:
         kind_source = TASKS[task][1]
         self.train = load_task_data(kind_source, task, split="train", limit=train_limit)
         answers = self.train.answers or None
-        # A smaller limit gives a prefix of a larger one, so the items after the first eval_offset are new ones.
+        # A smaller limit gives a prefix of a larger one, so the items after the first eval_offset are new ones. Without
+        # a limit the bundled items come in another order (by image id), so an offset would not mean the same items.
+        if eval_offset and eval_limit is None:
+            raise SystemExit("--eval-offset needs --eval-limit: the offset counts items in the limited order")
         limit = None if eval_limit is None else eval_offset + eval_limit
         test = load_task_data(kind_source, task, split="test", limit=limit, answers=answers)
         if eval_offset >= len(test):
@@ -440,6 +443,10 @@ def merge(parts: Sequence[str], output: str) -> dict[str, Any]:
             if task in result:
                 raise SystemExit(f"--merge: task {task!r} is in more than one part ({part})")
             result[task] = regimes
+    for key in ("seeds", "steps", "eval_offset", "student", "teacher"):
+        values = {json.dumps(s.get(key)) for s in setups}
+        if len(values) > 1:
+            raise SystemExit(f"--merge: the parts differ in {key} ({', '.join(sorted(values))}); one table needs one")
     setup = dict(setups[0])
     for key in ("batch_size", "metric", "train_items", "eval_items", "text_only"):
         setup[key] = {k: v for s in setups for k, v in s.get(key, {}).items()}

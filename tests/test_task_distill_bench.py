@@ -141,7 +141,11 @@ def test_first_seed_and_eval_offset_give_new_seeds_and_the_test_items_after_the_
     assert [s.question for s in data.test.samples] == [s.question for s in first.samples[10:]]
     assert [s.image for s in data.test.samples] == [s.image for s in first.samples[10:]]
     result = bench.main(["--smoke", "--text-only", "--first-seed", "3", "--seeds", "2", "--output", str(tmp_path)])
-    assert result["setup"]["seeds"] == [3, 4] and len(result["vqa"]["low_shot_1"]["per_seed"]) == 2
+    assert result["setup"]["seeds"] == [3, 4]
+    whole = bench.task_data("vqa", bench.parse_args(["--smoke"]))
+    assert (
+        result["vqa"]["low_shot_1"]["per_seed"] == bench.text_only_line("vqa", whole, "low_shot_1", [3, 4])["per_seed"]
+    )
     # the low-shot draw follows the seed: seeds 3 and 4 are not seed 0's draw
     draws = [data.regime(bench.replace(bench.REGIMES["low_shot_10"], seed=s))[0].dataset.samples for s in (0, 3, 4)]
     assert draws[1] != draws[0] and draws[2] != draws[0]
@@ -149,6 +153,28 @@ def test_first_seed_and_eval_offset_give_new_seeds_and_the_test_items_after_the_
         bench.parse_args(["--eval-offset", "-1"])
     with pytest.raises(SystemExit, match="only"):
         bench.task_data("vqa", bench.parse_args(["--smoke", "--eval-offset", "10000000"]))
+    with pytest.raises(SystemExit, match="needs --eval-limit"):
+        bench.TaskData("vqa", 400, None, 1000, eval_offset=5)
+
+
+def test_runs_on_later_seeds_train_those_seeds_and_score_the_teacher_before_mad(bench, smoke, tmp_path):
+    argv = ["--smoke", "--tasks", "vqa", "--regimes", "low_shot_10", "--methods", "no_kd", "mad", "--first-seed", "1"]
+    result = bench.main(
+        [*argv, "--eval-offset", "10", "--output", str(tmp_path), "--teacher-cache", str(smoke / "teachers")]
+    )
+    entry = result["vqa"]["low_shot_10"]
+    assert list(entry["no_kd"]["per_seed"]) == ["1"] and list(entry["mad"]["per_seed"]) == ["1"]
+    assert entry["mad"]["teacher_zero_shot"]["before"] is not None
+    assert result["setup"]["seeds"] == [1] and result["setup"]["eval_offset"] == 10
+    config = json.loads((tmp_path / "task_distill/vqa/low_shot_10/no_kd/seed1/config.json").read_text())
+    assert config["train"]["seed"] == 1 and config["data"]["split"]["seed"] == 1
+    # parts of one table must agree on the seeds
+    other = json.loads((tmp_path / "task_distill.json").read_text())
+    other["setup"]["seeds"] = [0]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "task_distill.json").write_text(json.dumps({"entailment": {}, "setup": other["setup"]}))
+    with pytest.raises(SystemExit, match="differ in seeds"):
+        bench.merge([str(tmp_path), str(tmp_path / "b")], str(tmp_path / "merged"))
 
 
 def test_text_alone_on_multiple_choice_scores_each_candidate_by_how_often_it_was_right(bench):
