@@ -51,7 +51,7 @@ python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_10 
     --output runs/bench/td_replication/mc_full) &
 wait
 # (00:46 - 01:14 UTC; outcomes of every run above in replication.md)
-# MAD with 200 adaptation steps on multiple choice at 10% (from 01:24 UTC, two processes):
+# MAD with 200 adaptation steps on multiple choice at 10% (01:24 - 01:38 UTC, two processes; outcome in replication.md):
 python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_10 --steps 1000 --methods no_kd mad \
     --adapt-steps 200 --seeds 2 --output runs/bench/td_replication/mc_mad200_10_s01 &
 python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_10 --steps 1000 --methods no_kd mad \
