@@ -145,10 +145,17 @@ class TaskData:
             raise SystemExit(f"--eval-offset {eval_offset}: the {task} test split has only {len(test)} items")
         self.test = test.subset(range(eval_offset, len(test))) if eval_offset else test
         self.tokenizer = train_wordpiece(tokenizer_corpus(LabelledData(self.train), []), vocab_size=vocab_size)
+        self._regimes: dict[str, tuple[LabelledData, LabelledData]] = {}
 
     def regime(self, split: SplitConfig) -> tuple[LabelledData, LabelledData]:
         """The training items of a regime and the test items it is evaluated on (under a domain shift, the
-        held-out ones only)."""
+        held-out ones only). Cut once per split and seed: the text-alone line and the runs share the draw."""
+        key = repr(split)  # SplitConfig holds a list, so it is not hashable
+        if key not in self._regimes:
+            self._regimes[key] = self._cut(split)
+        return self._regimes[key]
+
+    def _cut(self, split: SplitConfig) -> tuple[LabelledData, LabelledData]:
         train = self.train
         if split.low_shot is not None or split.domain_shift is not None:
             train = apply_split(split, self.train, None)[0]
@@ -193,13 +200,14 @@ def text_only(task: str, train: Sequence[Any], test: Sequence[Any]) -> dict[str,
         return {"accuracy": sum(guess(s.hypothesis) == s.label for s in test) / len(test)}
     rate: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     for s in train:
-        for i, c in enumerate(s.candidates):
-            rate[(s.question, c)][0] += int(i == s.answer_index)
-            rate[(s.question, c)][1] += 1
         right = s.candidates[s.answer_index]
-        for i, r in enumerate(s.rationales):
-            rate[(s.question, right, r)][0] += int(i == s.rationale_index)
-            rate[(s.question, right, r)][1] += 1
+        for keys, index in (
+            ([(s.question, c) for c in s.candidates], s.answer_index),
+            ([(s.question, right, r) for r in s.rationales], s.rationale_index),
+        ):
+            for i, key in enumerate(keys):
+                rate[key][0] += int(i == index)
+                rate[key][1] += 1
     q2a = qa2r = both = 0
     for s in test:
         a = _pick(rate, [(s.question, c) for c in s.candidates]) == s.answer_index
@@ -339,15 +347,17 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], before: float | None, 
 
 def format_table(result: dict[str, Any]) -> str:
     """Rows task / regime / method: metric, gain over no_kd (points, mean ± std) and whether it exceeds 2 std."""
-    header = ["task", "regime", "method", "metric %", "gain (points)", "> 2 std", "wall s", "teacher zero-shot"]
-    header.append("text alone %")
-    lines_of_text = result.get("setup", {}).get("text_only", {})
+    header = [
+        "task", "regime", "method", "metric %", "gain (points)", "> 2 std", "wall s", "teacher zero-shot",
+        "text alone %",
+    ]  # fmt: skip
+    text_lines = result.get("setup", {}).get("text_only", {})
     rows = []
     for task, regimes in result.items():
         if task == "setup":
             continue
         for regime, methods in regimes.items():
-            line = lines_of_text.get(task, {}).get(regime)
+            line = text_lines.get(task, {}).get(regime)
             text_alone = f"{100 * line['mean']:.1f}" if line else ""
             for method, e in methods.items():
                 m, g = e["metric"], e.get("gain")
