@@ -17,8 +17,10 @@ the three methods, so ``gain`` (metric minus the same seed's ``no_kd``) is paire
 (under a domain shift, its held-out items only): VQA accuracy, entailment accuracy, multiple choice Q->AR accuracy
 (VCR's protocol: an item counts when the student picks the right answer (Q->A) and, given it, the right rationale
 (QA->R); one student trains on both kinds of sample, ``data.rationales``; Q->A and QA->R are in the JSON too).
-For MAD the teacher's zero-shot accuracy before and after
-adaptation is reported too (VQA and multiple choice; a similarity cannot answer entailment's "neutral").
+Beside CLIP-TD and MAD, the teacher's zero-shot metric on the same test items (``teacher_zero_shot``: ``before``, the
+teacher CLIP-TD distils; for MAD also ``after``, the adapted one; for multiple choice Q->A and QA->R too, under
+``other``: a teacher can know one far better than the other); VQA and multiple choice only, since a similarity cannot
+answer entailment's "neutral".
 
 Beside the methods, the line the texts alone reach (``text_only``, no image, no training: a lookup of each test
 question's most frequent training answer, each hypothesis's most frequent label, each question + candidate's rate of
@@ -311,6 +313,7 @@ def run_one(
         adapted = as_teacher(DualEncoder.from_pretrained(summary["adapt"]["adapted_teacher"]))
         after = zero_shot(adapted, cfg, test, data.train.answers)
         out["teacher_zero_shot_after"] = after[HEADLINE[task]]
+        out["teacher_zero_shot_after_other"] = {name: after[name] for name in OTHER.get(task, ()) if name in after}
     return out
 
 
@@ -320,9 +323,16 @@ def stats(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def summarise(runs: dict[str, dict[int, dict[str, Any]]], before: float | None, reason: str | None) -> dict:
+def summarise(
+    runs: dict[str, dict[int, dict[str, Any]]],
+    before: float | None,
+    reason: str | None,
+    before_other: dict[str, float] | None = None,
+) -> dict:
     """One regime's entry: per method the metric's mean and std, the gain over the same seed's ``no_kd`` (not for
-    ``no_kd`` itself) and the mean wall seconds; MAD also the teacher's zero-shot metric before / after."""
+    ``no_kd`` itself) and the mean wall seconds; the methods with a teacher also its zero-shot metric (``before``,
+    the teacher they distil; MAD ``after`` too, the adapted one), and under ``other`` the task's other metrics
+    (multiple choice: Q->A and QA->R, ``before_other``), so that a teacher is compared with the students on each."""
     entry: dict[str, Any] = {}
     base = runs.get("no_kd", {})
     for method, per_seed in runs.items():
@@ -334,22 +344,46 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], before: float | None, 
                 e["gain"] = stats(paired)
         e["wall_seconds"] = statistics.fmean(per_seed[s]["wall_seconds"] for s in seeds)
         e["per_seed"] = {str(s): per_seed[s]["metric"] for s in seeds}
-        for name in per_seed[seeds[0]].get("other", {}):
-            e[name] = stats([per_seed[s]["other"][name] for s in seeds])
+        for name in per_seed[seeds[0]].get("other", {}):  # e.g. Q->A, QA->R: per seed, and paired gains too
+            e[name] = {**stats([per_seed[s]["other"][name] for s in seeds])}
+            e[name]["per_seed"] = {str(s): per_seed[s]["other"][name] for s in seeds}
+            paired = [
+                per_seed[s]["other"][name] - base[s]["other"][name]
+                for s in seeds
+                if name in base.get(s, {}).get("other", {})
+            ]
+            if method != "no_kd" and paired:
+                e[name]["gain"] = stats(paired)
         if method == "mad":
             after = [per_seed[s]["teacher_zero_shot_after"] for s in seeds if "teacher_zero_shot_after" in per_seed[s]]
             e["teacher_zero_shot"] = (
                 {"before": before, "after": stats(after)} if after else {"not_applicable": reason or "not measured"}
             )
+        elif method == "clip_td" and (before is not None or reason):
+            e["teacher_zero_shot"] = {"before": before} if before is not None else {"not_applicable": reason}
+        if "before" in e.get("teacher_zero_shot", {}) and before_other:
+            e["teacher_zero_shot"]["other"] = {name: {"before": value} for name, value in before_other.items()}
+            for name, zs in e["teacher_zero_shot"]["other"].items():
+                after = [per_seed[s].get("teacher_zero_shot_after_other", {}).get(name) for s in seeds]
+                if method == "mad" and None not in after:
+                    zs["after"] = stats(after)
         entry[method] = e
     return entry
+
+
+def _zero_shot(zs: dict[str, Any]) -> str:
+    """A teacher's zero-shot metric in the table: ``27.7``, ``27.7 -> 24.7`` (MAD: before -> after adapting) or n/a."""
+    if "before" not in zs:
+        return "n/a"
+    before = f"{100 * zs['before']:.1f}"
+    return f"{before} -> {100 * zs['after']['mean']:.1f}" if "after" in zs else before
 
 
 def format_table(result: dict[str, Any]) -> str:
     """Rows task / regime / method: metric, gain over no_kd (points, mean ± std) and whether it exceeds 2 std."""
     header = [
         "task", "regime", "method", "metric %", "gain (points)", "> 2 std", "wall s", "teacher zero-shot",
-        "text alone %",
+        "text alone %", "other metrics %",
     ]  # fmt: skip
     text_lines = result.get("setup", {}).get("text_only", {})
     rows = []
@@ -364,14 +398,13 @@ def format_table(result: dict[str, Any]) -> str:
                 gain = f"{100 * g['mean']:+.1f} ± {100 * g['std']:.1f}" if g else "-"
                 beyond = "-" if not g else ("yes" if abs(g["mean"]) > 2 * g["std"] and g["std"] > 0 else "no")
                 zs = e.get("teacher_zero_shot", {})
-                zs_text = (
-                    f"{100 * zs['before']:.1f} -> {100 * zs['after']['mean']:.1f}"
-                    if "after" in zs
-                    else ("n/a" if zs else "")
+                zs_text = ", ".join(
+                    [_zero_shot(zs)] + [f"{name} {_zero_shot(other)}" for name, other in zs.get("other", {}).items()]
                 )
+                also = " ".join(f"{name} {100 * e[name]['mean']:.1f}" for name in OTHER.get(task, ()) if name in e)
                 rows.append(
                     [task, regime, method, f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}", gain, beyond,
-                     f"{e['wall_seconds']:.0f}", zs_text, text_alone]
+                     f"{e['wall_seconds']:.0f}", zs_text if zs else "", text_alone, also]
                 )  # fmt: skip
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
@@ -542,13 +575,14 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
             line = text_only_line(task, data, regime, args.seed_list)
             setup.setdefault("text_only", {}).setdefault(task, {})[regime] = line
             runs: dict[str, dict[int, dict[str, Any]]] = {}
-            before, reason = None, None
+            before, reason, before_other = None, None, None
             for seed in args.seed_list:
                 train, test = data.regime(replace(args.split, seed=seed))
-                if seed == args.seed_list[0] and "mad" in args.methods:
+                if seed == args.seed_list[0] and {"clip_td", "mad"} & set(args.methods):
                     cfg = load_recipe(TASKS[task][0], {"eval.batch_size": 64})
                     zs = zero_shot(teacher, cfg, test, data.train.answers)
                     before, reason = zs.get(HEADLINE[task]), zs.get("not_applicable")
+                    before_other = {name: zs[name] for name in OTHER.get(task, ()) if name in zs}
                 for method in args.methods:
                     r = run_one(task, method, seed, args, data, train, test, teacher_dir, teacher)
                     runs.setdefault(method, {})[seed] = r
@@ -557,7 +591,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
                         f"({r['wall_seconds']:.0f} s; {len(train.dataset)} training items)",
                         flush=True,
                     )
-            result.setdefault(task, {})[regime] = summarise(runs, before, reason)
+            result.setdefault(task, {})[regime] = summarise(runs, before, reason, before_other)
             setup["total_wall_seconds"] = round(time.perf_counter() - start, 1)
             write(out, {**result, "setup": setup})  # after every regime: an interrupted run keeps what it has
     setup["total_wall_seconds"] = round(time.perf_counter() - start, 1)

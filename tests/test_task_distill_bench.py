@@ -57,6 +57,11 @@ def test_smoke_run_writes_every_task_regime_and_method_in_the_issues_shape(smoke
                     assert entry["gain"] == {"mean": pytest.approx(gain), "std": 0.0}
             zs = methods["mad"]["teacher_zero_shot"]
             assert 0.0 <= zs["before"] <= 1.0 and 0.0 <= zs["after"]["mean"] <= 1.0
+            # CLIP-TD distils the unadapted teacher: its zero-shot is MAD's "before", on the same test items
+            assert methods["clip_td"]["teacher_zero_shot"]["before"] == zs["before"]
+            if task == "multiple_choice":  # the teacher's Q->A and QA->R beside the students'
+                assert set(zs["other"]) == {"q2a", "qa2r"} and set(methods["no_kd"]) >= {"q2a", "qa2r"}
+                assert 0.0 <= zs["other"]["q2a"]["after"]["mean"] <= 1.0
     setup = result["setup"]
     assert setup["seeds"] == [0] and setup["smoke"] and setup["steps"] == 2
     assert setup["teacher"].startswith("reference teacher") and setup["student"].startswith("vilt-small")
@@ -213,8 +218,35 @@ def test_gains_are_paired_by_seed(bench):
     assert entry["mad"]["teacher_zero_shot"]["after"]["mean"] == pytest.approx(0.4)
     entailment = bench.summarise({"mad": {0: {"metric": 0.5, "wall_seconds": 1.0}}}, None, "no neutral")
     assert entailment["mad"]["teacher_zero_shot"] == {"not_applicable": "no neutral"}
+    assert entry["clip_td"]["teacher_zero_shot"] == {"before": 0.2}  # the teacher it distils
+    assert "teacher_zero_shot" not in entry["no_kd"]
     table = bench.format_table({"vqa": {"full": entry}, "setup": {}})
     assert "+5.0 ± 7.1" in table and "20.0 -> 40.0" in table
+
+
+def test_multiple_choice_reports_the_teachers_q2a_and_qa2r_beside_the_students(bench):
+    def run(metric, q2a, qa2r, **extra):
+        return {"metric": metric, "wall_seconds": 1.0, "other": {"q2a": q2a, "qa2r": qa2r}, **extra}
+
+    after = {"teacher_zero_shot_after": 0.3, "teacher_zero_shot_after_other": {"q2a": 0.9, "qa2r": 0.3}}
+    runs = {
+        "no_kd": {0: run(0.39, 0.44, 0.74)},
+        "clip_td": {0: run(0.35, 0.45, 0.63)},
+        "mad": {0: run(0.34, 0.41, 0.76, **after)},
+    }
+    entry = bench.summarise(runs, before=0.277, reason=None, before_other={"q2a": 0.883, "qa2r": 0.3})
+    assert entry["clip_td"]["teacher_zero_shot"] == {
+        "before": 0.277, "other": {"q2a": {"before": 0.883}, "qa2r": {"before": 0.3}}
+    }  # fmt: skip
+    mad = entry["mad"]["teacher_zero_shot"]
+    assert mad["other"]["q2a"] == {"before": 0.883, "after": {"mean": pytest.approx(0.9), "std": 0.0}}
+    assert entry["no_kd"]["q2a"] == {"mean": 0.44, "std": 0.0, "per_seed": {"0": 0.44}}
+    assert entry["clip_td"]["q2a"]["gain"] == {"mean": pytest.approx(0.01), "std": 0.0}  # paired with no_kd's seed
+    assert entry["mad"]["qa2r"]["gain"]["mean"] == pytest.approx(0.02)
+    table = bench.format_table({"multiple_choice": {"low_shot_1": entry}, "setup": {}})
+    clip_td = next(line for line in table.splitlines() if " clip_td " in line)
+    assert "27.7, q2a 88.3, qa2r 30.0" in clip_td and "q2a 45.0 qa2r 63.0" in clip_td
+    assert "27.7 -> 30.0, q2a 88.3 -> 90.0" in next(line for line in table.splitlines() if " mad " in line)
 
 
 def test_run_configs_differ_only_in_the_method(bench, tmp_path):
