@@ -345,13 +345,9 @@ def summarise(
         e["wall_seconds"] = statistics.fmean(per_seed[s]["wall_seconds"] for s in seeds)
         e["per_seed"] = {str(s): per_seed[s]["metric"] for s in seeds}
         for name in per_seed[seeds[0]].get("other", {}):  # e.g. Q->A, QA->R: per seed, and paired gains too
-            e[name] = {**stats([per_seed[s]["other"][name] for s in seeds])}
+            e[name] = stats([per_seed[s]["other"][name] for s in seeds])
             e[name]["per_seed"] = {str(s): per_seed[s]["other"][name] for s in seeds}
-            paired = [
-                per_seed[s]["other"][name] - base[s]["other"][name]
-                for s in seeds
-                if name in base.get(s, {}).get("other", {})
-            ]
+            paired = [v["other"][name] - base[s]["other"][name] for s, v in per_seed.items() if s in base]
             if method != "no_kd" and paired:
                 e[name]["gain"] = stats(paired)
         if method == "mad":
