@@ -262,3 +262,18 @@ def test_without_a_teacher_or_the_target_field_the_error_says_what_is_missing():
         clip_td()(step(teacher=pairs))
     with pytest.raises(ValueError, match=r"field='hypothesis', but the teacher outputs have the fields"):
         clip_td(field="hypothesis")(step())
+
+
+def test_above_chance_weighs_a_teacher_at_or_below_chance_zero():
+    # two candidates, chance 1/2: w0 = 1 / (1 + e^2) < 1/2 -> 0; w1 = e^2 / (1 + e^2) -> (w1 - 1/2) / (1/2)
+    w1 = math.e**2 / (1 + math.e**2)
+    rescaled = (w1 - 0.5) / 0.5
+    value, parts = clip_td(scale=2.0, above_chance=True)(mc_step([1, 0]))
+    assert value.item() == pytest.approx((0.0 * 1 + rescaled * 4) / 2)  # instance 0's distance 1 weighs nothing
+    assert parts["w"].item() == pytest.approx(rescaled / 2)
+    # without candidates there is no chance level: a clear error, unless the confidence is off anyway
+    with pytest.raises(ValueError, match=r"above_chance=true needs candidates .* field 'qa' holds one text"):
+        clip_td(k=1, above_chance=True)(step())
+    assert clip_td(k=1, above_chance=True, confidence=False)(step())[0].item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="above_chance"):
+        build_loss("clip_td", dims((2, 2, 2), (2, 2, 2)), above_chance="yes")

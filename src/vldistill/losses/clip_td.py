@@ -72,7 +72,11 @@ class ClipTargetedDistillation(Loss):
       zero-shot probability of the right one, ``softmax_c(s cos(v_i, t_ic))[y*_i]`` with ``s`` the teacher's logit
       scale (or ``scale``). Without candidates (VQA with ``qa``, entailment) there is nothing to normalise over, and
       the fallback is the teacher's image-text cosine mapped to [0, 1]: ``w_i = (cos(v_i, t_i) + 1) / 2``.
-      ``confidence: false`` sets ``w_i = 1``.
+      ``confidence: false`` sets ``w_i = 1``. ``above_chance: true`` (candidates only) rescales the probability so
+      that a teacher at chance weighs nothing: ``w_i = max(0, (p_i - 1/C) / (1 - 1/C))`` for ``C`` candidates. The
+      softmax alone does not lower the weight where the teacher does not know: on the bundled multiple choice the
+      reference teacher, near chance on QA->R (30%, four rationales), gives the right rationale ``p`` = 0.27 on
+      average (README "A teacher that knows the task"); off by default, the papers' softmax.
     - Instances without a right answer (``targets["answer"] = -1``) are left out when the target is a candidate.
 
     Sources: Wang et al., "CLIP-TD: CLIP Targeted Distillation for Vision-Language Tasks" (arXiv 2201.05729), and
@@ -91,6 +95,7 @@ class ClipTargetedDistillation(Loss):
         confidence: weight each instance by the teacher's confidence ``w_i``.
         field: the text field of ``t_{y*}``: ``auto``, ``qa``, ``hypothesis`` or ``candidates``.
         scale: the softmax scale ``s`` of the multiple-choice confidence; ``None``: the teacher's own.
+        above_chance: rescale the multiple-choice confidence so that chance (``1/C``) and below weigh 0.
         teacher: index of the teacher whose outputs are distilled (default 0, the first).
         parts: the terms to compute, ``visual`` and / or ``text`` (default both).
     """
@@ -117,6 +122,7 @@ class ClipTargetedDistillation(Loss):
         scale: float | None = None,
         teacher: int = 0,
         parts: list[str] | tuple[str, ...] = CLIP_TD_PARTS,
+        above_chance: bool = False,
     ):
         super().__init__(dims)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -131,6 +137,7 @@ class ClipTargetedDistillation(Loss):
         self.k, self.scorer, self.norm, self.field, self.reduction = k, scorer, norm, field, reduction
         self.normalize = _check_bool("normalize", normalize)
         self.confidence = _check_bool("confidence", confidence)
+        self.above_chance = _check_bool("above_chance", above_chance)
         self.scale = None if scale is None else _check_positive("scale", scale)
         self.parts = _check_parts(parts)
         self.needs = self.needs_for(scorer=scorer)
@@ -174,6 +181,11 @@ class ClipTargetedDistillation(Loss):
         text = teacher.text[name].detach().float()
         batch = v.shape[0]
         if text.dim() == 2:  # one text per instance: the fallback confidence
+            if self.above_chance and self.confidence:
+                raise ValueError(
+                    f"clip_td: above_chance=true needs candidates (the field 'candidates'), but field {name!r} holds "
+                    "one text per instance, where no chance level exists; set above_chance: false"
+                )
             w = (F.cosine_similarity(v, text, dim=-1) + 1) / 2
             return text, w, torch.ones(batch, dtype=torch.bool, device=v.device)
         if answer is None:
@@ -185,8 +197,11 @@ class ClipTargetedDistillation(Loss):
         target = text[rows, index]
         scale = self.scale if self.scale is not None else _teacher_scale(teacher)
         cos = F.cosine_similarity(v[:, None, :], text, dim=-1)  # [B, C]
-        probs = (scale * cos).softmax(dim=-1)
-        return target, probs[rows, index], valid
+        probs = (scale * cos).softmax(dim=-1)[rows, index]
+        if self.above_chance:
+            chance = 1.0 / text.shape[1]
+            probs = ((probs - chance) / (1.0 - chance)).clamp(min=0.0)
+        return target, probs, valid
 
     def _field(self, teacher: Embeddings) -> str:
         if self.field != "auto":
