@@ -33,3 +33,8 @@ wait
 # saved student (OUTPUT/task_distill/multiple_choice/REGIME/METHOD/seedN/student) loaded with
 # vldistill.students.load_student and scored by vldistill.tasks.get_task("multiple_choice").evaluate on the same
 # test items; the Q->AR it gives equals the run's JSON for every student.
+# clip_td above_chance on multiple choice, the reference teacher (03:52-04:09, the two at the same time)
+for r in 1 10; do
+    python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_$r --methods no_kd clip_td \
+        --steps 1000 --clip-td '{"above_chance": true}' --output runs/bench/td_chance/mc_$r &
+done; wait
