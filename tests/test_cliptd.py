@@ -271,6 +271,10 @@ def test_above_chance_weighs_a_teacher_at_or_below_chance_zero():
     value, parts = clip_td(scale=2.0, above_chance=True)(mc_step([1, 0]))
     assert value.item() == pytest.approx((0.0 * 1 + rescaled * 4) / 2)  # instance 0's distance 1 weighs nothing
     assert parts["w"].item() == pytest.approx(rescaled / 2)
+    # one candidate: p = 1 and no chance to rescale, so w stays 1 (no division by zero)
+    one = Embeddings(image=T(MC_V), text={"candidates": T([[[1.0, 0.0]], [[0.0, 3.0]]])})
+    _, parts = clip_td(scale=2.0, above_chance=True)(step(MC_STATES, MC_TEXT, MC_IMAGE, MC_ATTENTION, one, [0, 0]))
+    assert parts["w"].item() == pytest.approx(1.0)
     # without candidates there is no chance level: a clear error, unless the confidence is off anyway
     with pytest.raises(ValueError, match=r"above_chance=true needs candidates .* field 'qa' holds one text"):
         clip_td(k=1, above_chance=True)(step())

@@ -198,7 +198,7 @@ class ClipTargetedDistillation(Loss):
         scale = self.scale if self.scale is not None else _teacher_scale(teacher)
         cos = F.cosine_similarity(v[:, None, :], text, dim=-1)  # [B, C]
         probs = (scale * cos).softmax(dim=-1)[rows, index]
-        if self.above_chance:
+        if self.above_chance and text.shape[1] > 1:  # one candidate: p = 1, nothing to rescale
             chance = 1.0 / text.shape[1]
             probs = ((probs - chance) / (1.0 - chance)).clamp(min=0.0)
         return target, probs, valid
