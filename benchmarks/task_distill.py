@@ -361,7 +361,7 @@ def summarise(
             e["teacher_zero_shot"]["other"] = {name: {"before": value} for name, value in before_other.items()}
             for name, zs in e["teacher_zero_shot"]["other"].items():
                 after = [per_seed[s].get("teacher_zero_shot_after_other", {}).get(name) for s in seeds]
-                if method == "mad" and None not in after:
+                if None not in after:  # MAD's runs measure the adapted teacher
                     zs["after"] = stats(after)
         entry[method] = e
     return entry

@@ -1,6 +1,7 @@
 """CLIP-TD's confidence w on multiple choice: the teacher's softmax probability of the right candidate, on the first 200
-training items, for Q->A (question + answer) and QA->R (question + right answer + rationale), as ``clip_td`` computes
-it (its own logit scale). Run from the repository root after ``run.sh`` (it needs both teachers)::
+training items, for Q->A (question + answer) and QA->R (question + right answer + rationale), with ``clip_td``'s own
+``candidate_confidence`` (the teacher's logit scale). Run from the repository root after ``run.sh`` (it needs both
+teachers)::
 
     .venv/bin/python benchmarks/results/task-distill-2026-12-01/confidence.py
 
@@ -11,10 +12,11 @@ it (its own logit scale). Run from the repository root after ``run.sh`` (it need
 import statistics
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from vldistill.batching import teacher_texts
 from vldistill.data.sources import load_task_data
+from vldistill.losses.clip_td import candidate_confidence
 from vldistill.models import DualEncoder
 
 TEACHERS = ("runs/teachers/reference-8d3c1bd6e095/model", "runs/informed/mc1200/adapted-teacher")
@@ -26,10 +28,13 @@ for name in TEACHERS:
     w: dict[str, list[float]] = {"q2a": [], "qa2r": []}
     with torch.no_grad():
         for item in data.samples[:200]:
-            v = F.normalize(teacher.embed_images([Image.open(item.image).convert("RGB")]), dim=-1)
-            for kind, sample in zip(("q2a", "qa2r"), item.split_rationales(), strict=True):
-                if sample is None:
-                    continue
-                texts = F.normalize(teacher.embed_texts([f"{sample.question} {c}" for c in sample.candidates]), dim=-1)
-                w[kind].append(float((scale * v @ texts.T).softmax(-1)[0, sample.answer_index]))
+            v = teacher.embed_images([Image.open(item.image).convert("RGB")])
+            texts = teacher_texts(item)  # the texts clip_td's teacher embeds: Q->A candidates, QA->R rationales
+            for kind, field, right in (
+                ("q2a", "candidates", item.answer_index),
+                ("qa2r", "rationales", item.rationale_index),
+            ):
+                if field in texts:
+                    candidates = teacher.embed_texts(texts[field])[None]
+                    w[kind].append(float(candidate_confidence(v, candidates, torch.tensor([right]), scale)))
     print(name, {kind: round(statistics.fmean(values), 3) for kind, values in w.items()})

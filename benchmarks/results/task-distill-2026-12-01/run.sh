@@ -38,3 +38,17 @@ for r in 1 10; do
     python benchmarks/task_distill.py --tasks multiple_choice --regimes low_shot_$r --methods no_kd clip_td \
         --steps 1000 --clip-td '{"above_chance": true}' --output runs/bench/td_chance/mc_$r &
 done; wait
+# CLIP-TD's confidence w on multiple choice (03:45; README "A teacher that knows the task"):
+python benchmarks/results/task-distill-2026-12-01/confidence.py
+# How many text tokens a VQA question has in the benchmark's tokenizer (README: top-8 is every one for 59%): lengths
+# with [BOS] 7 / 8 / 9 / 10 / 11 / 12 for 4,169 / 12,692 / 6,064 / 7,025 / 6,062 / 2,563 of the 38,575 questions
+python - <<'PY'
+from collections import Counter
+from vldistill.data.sources import LabelledData, load_task_data
+from vldistill.tokenization import train_wordpiece
+from vldistill.train.fit import tokenizer_corpus
+data = load_task_data("bundled:easyvqa-vqa", "vqa", split="train", limit=None)
+tokenizer = train_wordpiece(tokenizer_corpus(LabelledData(data), []), vocab_size=1000)  # as TaskData does
+lengths = Counter(len(ids) for ids in tokenizer([s.question for s in data.samples])["input_ids"])
+print(sorted(lengths.items()), sum(n for k, n in lengths.items() if k <= 9) / sum(lengths.values()))
+PY

@@ -196,12 +196,7 @@ class ClipTargetedDistillation(Loss):
         rows = torch.arange(batch, device=v.device)
         target = text[rows, index]
         scale = self.scale if self.scale is not None else _teacher_scale(teacher)
-        cos = F.cosine_similarity(v[:, None, :], text, dim=-1)  # [B, C]
-        probs = (scale * cos).softmax(dim=-1)[rows, index]
-        if self.above_chance and text.shape[1] > 1:  # one candidate: p = 1, nothing to rescale
-            chance = 1.0 / text.shape[1]
-            probs = ((probs - chance) / (1.0 - chance)).clamp(min=0.0)
-        return target, probs, valid
+        return target, candidate_confidence(v, text, index, scale, self.above_chance), valid
 
     def _field(self, teacher: Embeddings) -> str:
         if self.field != "auto":
@@ -235,6 +230,28 @@ class ClipTargetedDistillation(Loss):
         if self.scorer == "similarity":
             return F.cosine_similarity(projected.detach(), target[:, None, :], dim=-1)
         return None
+
+
+def candidate_confidence(
+    image: Tensor, candidates: Tensor, answer: Tensor, scale: float, above_chance: bool = False
+) -> Tensor:
+    """CLIP-TD's confidence with candidates: the teacher's zero-shot probability of the right one,
+    ``softmax_c(s cos(v_i, t_ic))[y*_i]``, ``[B]``; ``above_chance`` rescales it to ``max(0, (p - 1/C) / (1 - 1/C))``
+    (with one candidate ``p`` = 1 is left as it is).
+
+    Args:
+        image: the teacher's image embeddings ``v``, ``[B, d]``.
+        candidates: its text embeddings of query + each candidate, ``[B, C, d]``.
+        answer: the right candidate's index per instance, ``[B]`` (non-negative).
+        scale: the softmax scale ``s``.
+        above_chance: weigh chance and below zero.
+    """
+    cos = F.cosine_similarity(image[:, None, :], candidates, dim=-1)  # [B, C]
+    probs = (scale * cos).softmax(dim=-1)[torch.arange(image.shape[0], device=image.device), answer]
+    count = candidates.shape[1]
+    if above_chance and count > 1:  # one candidate: p = 1, nothing to rescale
+        probs = ((probs - 1.0 / count) / (1.0 - 1.0 / count)).clamp(min=0.0)
+    return probs
 
 
 def _check_parts(parts: Any) -> tuple[str, ...]:
