@@ -4,7 +4,8 @@ The papers distil CLIP into a *pretrained* ViLT; ``benchmarks/task_distill.py`` 
 from random weights, since no ViLT checkpoint can be downloaded here. This script makes the missing checkpoint the way
 ViLT makes its own (Kim et al., 2021): image-text matching (ITM: is this caption the image's? half the pairs get the
 caption of an image of another colour-shape class) and masked language modelling on the matched pairs (MLM: 15% of
-the caption's words, at least one, replaced by ``[MASK]``, predicted from the text and the image), on the training
+the caption's words, at least one, replaced by ``[MASK]``, predicted from the text and the image; the mismatched
+captions are masked alike but not scored, so a ``[MASK]`` does not tell ITM the pair is matched), on the training
 images of the bundled data and their English captions only (the images and captions the reference teacher is trained
 on; no task question, answer, hypothesis or label is seen). The tokenizer is trained on those captions and on the
 three tasks' training texts, so one checkpoint serves every task.
@@ -66,7 +67,8 @@ def caption_of(cls: int, rng: random.Random) -> str:
 
 
 def make_batch(images: CaptionedImages, rows: list[int], tokenizer, rng: random.Random, mask_rate: float):
-    """ITM pairs (half matched, half with another class's caption) and MLM labels on the matched ones."""
+    """ITM pairs (half matched, half with another class's caption), every caption with 15% of its words (at least one)
+    masked, and MLM labels on the matched ones."""
     n_classes = len(COLORS) * len(SHAPES)
     texts, matched = [], []
     for row in rows:
@@ -80,13 +82,12 @@ def make_batch(images: CaptionedImages, rows: list[int], tokenizer, rng: random.
     ids = enc["input_ids"].clone()
     labels = torch.full_like(ids, -100)
     special = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
-    for i, ok in enumerate(matched):
-        if not ok:
-            continue
+    for i, ok in enumerate(matched):  # every caption is masked alike, else "has a [MASK]" would give ITM away
         words = [j for j, t in enumerate(ids[i].tolist()) if t not in special]
         chosen = [j for j in words if rng.random() < mask_rate] or [rng.choice(words)]
         for j in chosen:
-            labels[i, j] = ids[i, j]
+            if ok:  # a mismatched caption's words cannot be predicted from its image
+                labels[i, j] = ids[i, j]
             ids[i, j] = tokenizer.mask_token_id
     return {
         "input_ids": ids,
@@ -94,6 +95,7 @@ def make_batch(images: CaptionedImages, rows: list[int], tokenizer, rng: random.
         "pixel_values": images.pixels[rows],
         "mlm_labels": labels,
         "itm_labels": torch.tensor(matched),
+        "captions": texts,  # before masking
     }
 
 
@@ -138,7 +140,7 @@ def held_out(model: Pretrainer, images: CaptionedImages, tokenizer, batch_size: 
     return {key: value / batches for key, value in totals.items()}
 
 
-def build_tokenizer(train: CaptionedImages | None, limit: int | None, vocab_size: int):
+def build_tokenizer(limit: int | None, vocab_size: int):
     """WordPiece on the training captions and the three tasks' training texts (questions, answers, hypotheses,
     candidates, rationales); the captions come from ``load_data`` so the corpus does not need the images."""
     pairs = load_data("bundled:easyvqa", "train", ["en"], limit=limit)
@@ -162,13 +164,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return pretrain(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pretrain(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """Pretrain, save the checkpoint and ``pretrain.json``; returns what the JSON holds."""
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     limit = 200 if args.smoke else None
     steps = 3 if args.smoke else args.steps
     vocab_size = max(load_recipe(r).student.vocab_size for r in ("cliptd-vqa", "cliptd-ve", "cliptd-mc"))
-    tokenizer = build_tokenizer(None, limit, vocab_size)
+    tokenizer = build_tokenizer(limit, vocab_size)
     sizes = {**SMALL, **(SMOKE_SIZES if args.smoke else {})}
     student = test_vilt(tokenizer, "multiple_choice", **sizes)
     train = CaptionedImages("train", limit, student.image_processor)
