@@ -4,8 +4,13 @@ Importable as ``helpers`` because pytest puts ``tests/`` on ``sys.path`` (no ``_
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -108,3 +113,20 @@ def tiny_train(output_dir: Path) -> dict[str, Any]:
         "tensorboard": False,
         "output_dir": str(output_dir),
     }
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/NAME.py`` imported as a module (it is a script, not part of the package), registered in
+    ``sys.modules`` while in use (dataclasses look their module up there) and removed after."""
+    spec = importlib.util.spec_from_file_location(f"vldistill_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)

@@ -3,29 +3,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import benchmark_script
 from vldistill.config import load_recipe
 from vldistill.students import prepare_student
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pretrain_vilt.py"
 
 
 @pytest.fixture(scope="module")
 def pre():
-    spec = importlib.util.spec_from_file_location("vldistill_bench_pretrain_vilt", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("pretrain_vilt") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

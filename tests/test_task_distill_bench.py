@@ -3,10 +3,7 @@ seed, two steps per run: well under a minute), the shape of task_distill.json, a
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,21 +11,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import ViltConfig, ViltModel
 
+from helpers import benchmark_script
 from vldistill.data.sources import load_task_data
 from vldistill.students.crossmodal import vilt_image_processor
 from vldistill.tokenization import train_wordpiece
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "task_distill.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("vldistill_bench_task_distill", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("task_distill") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

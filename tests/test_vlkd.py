@@ -4,11 +4,9 @@ the text-only reference LM, the export and ``vldistill generate``, and bad input
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import vldistill.train.loop as loop_mod
-from helpers import T, assert_same_rows, dims, read_metrics
+from helpers import T, assert_same_rows, benchmark_script, dims, read_metrics
 from vldistill import cli
 from vldistill.cache import read_manifest, weights_digest
 from vldistill.config import ConfigError, GenerationConfig, load_recipe
@@ -541,14 +539,8 @@ def test_bad_input_is_a_clear_error_naming_what_and_where(export, user_files, tm
 
 # ------------------------------------------------------------------------------------------------ benchmark
 def test_benchmark_smoke_writes_the_issues_shape(tmp_path):
-    spec = importlib.util.spec_from_file_location("vldistill_bench_vlkd", ROOT / "benchmarks" / "vlkd.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("vlkd") as module:
         module.main(["--smoke", "--output", str(tmp_path), "--lm-cache", str(tmp_path / "lms")])
-    finally:
-        sys.modules.pop(spec.name, None)
     result = json.loads((tmp_path / "vlkd.json").read_text())
     assert list(result["rows"]) == ["answer_prior", "question_only", "no_ttdm", "no_itcl", "no_icti", "vlkd"]
     for name, row in result["rows"].items():
