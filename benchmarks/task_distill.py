@@ -4,8 +4,8 @@ For each task (``vqa``, ``entailment``, ``multiple_choice``), regime (``low_shot
 ``low_shot_10``: 10%, ``domain_shift``: the held-out colour-shape combinations, ``full``) and seed, three methods
 fine-tune the same cross-modal student (``vilt-small``: the same tokenizer, trained once per task on its training
 texts, and the same initial weights per seed; or ``--student ID_OR_PATH``, a ViLT checkpoint with its own tokenizer
-and image processor and a new task head, as the papers fine-tune a pretrained model) for the same steps at the same
-batch size on the same training items:
+and image processor and a new task head, as the papers fine-tune a pretrained model; ``benchmarks/pretrain_vilt.py``
+makes one offline) for the same steps at the same batch size on the same training items:
 
 - ``no_kd``: the task loss alone (no teacher);
 - ``clip_td``: the task loss + ``clip_td`` from the frozen teacher (``recipes/cliptd-*.yaml``);
