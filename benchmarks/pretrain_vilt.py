@@ -4,7 +4,7 @@ The papers distil CLIP into a *pretrained* ViLT; ``benchmarks/task_distill.py`` 
 from random weights, since no ViLT checkpoint can be downloaded here. This script makes the missing checkpoint the way
 ViLT makes its own (Kim et al., 2021): image-text matching (ITM: is this caption the image's? half the pairs get the
 caption of an image of another colour-shape class) and masked language modelling on the matched pairs (MLM: 15% of
-the caption's words, at least one, replaced by ``[MASK]``, predicted from the text and the image; the mismatched
+the caption's tokens, at least one, replaced by ``[MASK]``, predicted from the text and the image; the mismatched
 captions are masked alike but not scored, so a ``[MASK]`` does not tell ITM the pair is matched), on the training
 images of the bundled data and their English captions only (the images and captions the reference teacher is trained
 on; no task question, answer, hypothesis or label is seen). The tokenizer is trained on those captions and on the
@@ -67,8 +67,8 @@ def caption_of(cls: int, rng: random.Random) -> str:
 
 
 def make_batch(images: CaptionedImages, rows: list[int], tokenizer, rng: random.Random, mask_rate: float):
-    """ITM pairs (half matched, half with another class's caption), every caption with 15% of its words (at least one)
-    masked, and MLM labels on the matched ones."""
+    """ITM pairs (half matched, half with another class's caption), every caption with ``mask_rate`` of its tokens (at
+    least one) masked, and MLM labels on the matched ones."""
     n_classes = len(COLORS) * len(SHAPES)
     texts, matched = [], []
     for row in rows:
