@@ -72,7 +72,7 @@ from vldistill.config import RecipeConfig, SplitConfig, load_recipe, to_dict
 from vldistill.data.sources import LabelledData, load_data, load_task_data
 from vldistill.data.splits import apply_split
 from vldistill.models import DualEncoder, as_teacher, load_teacher
-from vldistill.students import prepare_student
+from vldistill.students import load_student, prepare_student
 from vldistill.tasks import get_task
 from vldistill.tasks.metrics import vqa_accuracy
 from vldistill.tasks.predict import task_predictor
@@ -419,7 +419,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help=f"steps per run (default {DEFAULTS['steps']})")
     p.add_argument("--adapt-steps", type=int, default=None, help=f"MAD adaptation steps ({DEFAULTS['adapt_steps']})")
     p.add_argument("--train-limit", type=int, default=None, help="training items per task (default: all)")
-    p.add_argument("--eval-limit", type=int, default=None, help=f"test items per task ({DEFAULTS['eval_limit']})")
+    p.add_argument(
+        "--eval-limit", type=_eval_limit, default=None,
+        help=f"test items per task ({DEFAULTS['eval_limit']}; 'all': the whole test split)",
+    )  # fmt: skip
     p.add_argument(
         "--eval-offset", type=int, default=0,
         help="skip the first N test items (e.g. 300: the next --eval-limit items, unseen by the default runs)",
@@ -442,6 +445,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="combine the task_distill.json of runs made in parts (e.g. one process per task) into OUTPUT",
     )  # fmt: skip
     p.add_argument(
+        "--reevaluate", nargs="+", default=None, metavar="DIR",
+        help="score the saved students of finished runs (OUTPUT dirs) on the test items of --eval-limit /\n"
+        "--eval-offset, without training; the seeds of several dirs combine into one row",
+    )  # fmt: skip
+    p.add_argument(
         "--clip-td", type=json.loads, default={}, metavar="JSON",
         help='options of the clip_td loss over the recipes\' (e.g. \'{"weight": 0.5, "norm": "l2"}\')',
     )  # fmt: skip
@@ -450,6 +458,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key in ("seeds", "steps", "adapt_steps", "train_limit", "eval_limit", "tasks"):
         if getattr(args, key, None) is None:
             setattr(args, key, sizes.get(key, list(TASKS)))
+    if args.eval_limit == ALL:
+        args.eval_limit = None  # TaskData and data.limit_eval: no limit
     args.batch_size, args.adapt_batch_size = sizes["batch_size"], sizes["adapt_batch_size"]
     if args.steps < 1 or args.seeds < 1 or args.adapt_steps < 1 or args.threads < 1:
         p.error("--steps, --adapt-steps, --seeds and --threads must be at least 1")
@@ -457,6 +467,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--first-seed and --eval-offset must be at least 0")
     args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     return args
+
+
+ALL = "all"
+
+
+def _eval_limit(text: str) -> int | str:
+    """``--eval-limit``: a positive count or ``all``."""
+    if text == ALL:
+        return ALL
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of test items or 'all', got {text!r}")
+    return int(text)
 
 
 def get_teacher(args: argparse.Namespace) -> tuple[str, Any, str]:
@@ -500,6 +522,143 @@ def merge(parts: Sequence[str], output: str) -> dict[str, Any]:
     return final
 
 
+# ------------------------------------------------------------------------------------------------ re-evaluation
+#: Settings that must agree between the outputs whose students one re-evaluation combines into one table.
+SAME_RUNS = ("steps", "student", "teacher", "clip_td_options", "adapt", "smoke")
+
+
+def _teacher_path(setup: dict[str, Any]) -> str:
+    """The teacher a finished output distilled: ``teacher_path``, or (outputs written before it was recorded) the
+    path that ends the reference teacher's description, or the hub id / directory given by ``--teacher``."""
+    if setup.get("teacher_path"):
+        return setup["teacher_path"]
+    teacher = setup["teacher"]
+    return teacher.rsplit(": ", 1)[-1] if teacher.startswith("reference teacher") else teacher
+
+
+def reevaluate(sources: Sequence[str], args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    """``--reevaluate``: score the students that finished runs saved (``DIR/task_distill/TASK/REGIME/METHOD/seedN/
+    student``, every run listed in ``DIR/task_distill.json``) on the test items of ``--eval-limit`` /
+    ``--eval-offset``, with no training, and write the table and JSON of a run. The seeds of several dirs (e.g. seeds
+    0-2 and 3-5, first scored on different test items) combine into one row, scored on the same items; their
+    settings (:data:`SAME_RUNS`) must agree. ``wall_seconds`` is each run's training time as its output recorded it
+    (a method's mean over that output's seeds); the teacher's zero-shot metric is scored again on the new items with
+    the teacher the runs distilled (MAD: the adapted teacher each run saved)."""
+    start = time.perf_counter()
+    out = Path(args.output)
+    loaded = []
+    for source in sources:
+        path = Path(source)
+        if path.resolve() == out.resolve():
+            raise SystemExit(f"--reevaluate {source}: --output must be another directory (it would be overwritten)")
+        if not (path / "task_distill.json").is_file():
+            raise SystemExit(f"--reevaluate {source}: no task_distill.json there (expected a finished run's --output)")
+        loaded.append((path, json.loads((path / "task_distill.json").read_text())))
+    for key in SAME_RUNS:
+        values = {json.dumps(result["setup"].get(key), sort_keys=True) for _, result in loaded}
+        if len(values) > 1:
+            joined = ", ".join(sorted(values))
+            raise SystemExit(f"--reevaluate: the runs differ in {key} ({joined}); one table needs one")
+    setup0 = loaded[0][1]["setup"]
+    # (task, regime) -> method -> seed -> (the run's directory, its recorded wall seconds)
+    found: dict[tuple[str, str], dict[str, dict[int, tuple[Path, float]]]] = {}
+    for path, result in loaded:
+        for task, regimes in result.items():
+            if task == "setup":
+                continue
+            for regime, methods in regimes.items():
+                for method, entry in methods.items():
+                    for seed in entry.get("per_seed", {}):
+                        runs = found.setdefault((task, regime), {}).setdefault(method, {})
+                        if int(seed) in runs:
+                            raise SystemExit(
+                                f"--reevaluate: {task} {regime} {method} seed {seed} is in {runs[int(seed)][0]} and "
+                                f"{path}; each run may be scored once"
+                            )
+                        run_dir = path / "task_distill" / task / regime / method / f"seed{seed}"
+                        runs[int(seed)] = (run_dir, entry["wall_seconds"])
+    if not found:
+        raise SystemExit(f"--reevaluate: no runs listed in {', '.join(sources)}")
+    teacher = None
+    if any({"clip_td", "mad"} & set(methods) for methods in found.values()):
+        teacher = load_teacher(_teacher_path(setup0))
+    tasks = [t for t in TASKS if any(task == t for task, _ in found)]
+    seeds = sorted({seed for methods in found.values() for runs in methods.values() for seed in runs})
+    result: dict[str, Any] = {}
+    setup = dict(setup0)
+    setup.update(
+        seeds=seeds,
+        command=" ".join(["python benchmarks/task_distill.py", *(argv if argv is not None else sys.argv[1:])]),
+        eval_items={},
+        eval_offset=args.eval_offset,
+        text_only={},
+        reevaluated={
+            "sources": [str(path) for path, _ in loaded],
+            "commands": [r["setup"].get("command") for _, r in loaded],
+            "training_wall_seconds": [r["setup"].get("total_wall_seconds") for _, r in loaded],
+        },
+    )
+    setup["batch_size"] = {k: v for _, r in loaded for k, v in r["setup"].get("batch_size", {}).items()}
+    setup["regimes"] = {k: v for _, r in loaded for k, v in r["setup"].get("regimes", {}).items()}
+    setup["metric"] = {t: HEADLINE[t] for t in tasks}
+    setup.pop("total_wall_seconds", None)
+    for task in tasks:
+        data = task_data(task, args)
+        trained_on = {r["setup"].get("train_items", {}).get(task) for _, r in loaded} - {None}
+        if trained_on and trained_on != {len(data.train)}:
+            raise SystemExit(
+                f"--reevaluate: the runs of {task} had {sorted(trained_on)} training items, this data {len(data.train)}"
+                " (pass their --train-limit): the low-shot draws and the answer list would differ"
+            )
+        setup["eval_items"][task] = len(data.test)
+        batch_size = load_recipe(TASKS[task][0]).eval.batch_size
+        for regime in [r for r in REGIMES if (task, r) in found]:
+            methods = found[(task, regime)]
+            regime_seeds = sorted({seed for runs in methods.values() for seed in runs})
+            setup["text_only"].setdefault(task, {})[regime] = text_only_line(task, data, regime, regime_seeds)
+            _, test = data.regime(replace(REGIMES[regime], seed=regime_seeds[0]))
+            before, reason, before_other = None, None, None
+            if teacher is not None and {"clip_td", "mad"} & set(methods):
+                zs = zero_shot(teacher, load_recipe(TASKS[task][0], {"eval.batch_size": 64}), test, data.train.answers)
+                before, reason = zs.get(HEADLINE[task]), zs.get("not_applicable")
+                before_other = {name: zs[name] for name in OTHER.get(task, ()) if name in zs}
+            runs: dict[str, dict[int, dict[str, Any]]] = {}
+            for method in [m for m in METHODS if m in methods]:
+                for seed, (run_dir, wall) in sorted(methods[method].items()):
+                    _, test = data.regime(replace(REGIMES[regime], seed=seed))
+                    r = score_saved(task, run_dir, test, data, batch_size)
+                    runs.setdefault(method, {})[seed] = {**r, "wall_seconds": wall}
+                    print(f"[task_distill] {task} {regime} {method} seed {seed}: {100 * r['metric']:.1f} on "
+                          f"{len(test.dataset)} test items ({run_dir})", flush=True)  # fmt: skip
+            result.setdefault(task, {})[regime] = summarise(runs, before, reason, before_other)
+            setup["reevaluated"]["wall_seconds"] = round(time.perf_counter() - start, 1)
+            write(out, {**result, "setup": setup})  # after every regime: an interrupted run keeps what it has
+    final = {**result, "setup": setup}
+    write(out, final)
+    print("\n" + format_table(final) + "\n", flush=True)
+    print(f"[task_distill] re-evaluated {sum(len(r) for m in found.values() for r in m.values())} saved students "
+          f"into {out / 'task_distill.json'} in {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+    return final
+
+
+def score_saved(task: str, run_dir: Path, test: LabelledData, data: TaskData, batch_size: int) -> dict[str, Any]:
+    """One saved run's metrics on ``test`` as :func:`run_one` reports them (MAD: its adapted teacher's too)."""
+    student_dir = run_dir / "student"
+    if not (student_dir / "config.json").is_file():
+        raise SystemExit(f"--reevaluate: {student_dir} holds no saved student (the run listed it; was it moved?)")
+    student = load_student(student_dir)
+    metrics = get_task(task).evaluate(task_predictor(student, task), test.dataset, batch_size=batch_size)
+    out: dict[str, Any] = {"metric": metrics[HEADLINE[task]]}
+    out["other"] = {name: metrics[name] for name in OTHER.get(task, ()) if name in metrics}
+    adapted_dir = run_dir / "adapted-teacher"
+    if adapted_dir.is_dir() and task != "entailment":
+        adapted = as_teacher(DualEncoder.from_pretrained(adapted_dir))
+        after = zero_shot(adapted, load_recipe(TASKS[task][0], {"eval.batch_size": 64}), test, data.train.answers)
+        out["teacher_zero_shot_after"] = after[HEADLINE[task]]
+        out["teacher_zero_shot_after_other"] = {name: after[name] for name in OTHER.get(task, ()) if name in after}
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.merge:
@@ -509,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _main(args, argv)
+        return reevaluate(args.reevaluate, args, argv) if args.reevaluate else _main(args, argv)
     finally:
         torch.set_num_threads(threads)
 
@@ -547,6 +706,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
     setup: dict[str, Any] = {
         "seeds": args.seed_list,
         "teacher": teacher_name,
+        "teacher_path": teacher_dir,
         "student": args.student or "vilt-small" + (" (smoke: hidden 32 x 1 layer)" if args.smoke else ""),
         "steps": args.steps,
         "batch_size": {t: args.batch_size[t] for t in args.tasks},

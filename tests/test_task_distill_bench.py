@@ -4,6 +4,7 @@ seed, two steps per run: well under a minute), the shape of task_distill.json, a
 from __future__ import annotations
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -278,3 +279,53 @@ def test_clip_td_options_reach_the_loss_and_parts_merge(bench, tmp_path):
     assert {task: line["full"]["mean"] for task, line in lines.items()} == {"vqa": 0.1, "entailment": 0.3}
     with pytest.raises(SystemExit, match="more than one part"):
         bench.merge([str(tmp_path / "a"), str(tmp_path / "a")], str(tmp_path / "m2"))
+
+
+def test_reevaluate_scores_the_saved_students_again_and_reproduces_the_runs_on_the_same_items(bench, smoke, tmp_path):
+    original = json.loads((smoke / "task_distill.json").read_text())
+    again = bench.main(["--smoke", "--reevaluate", str(smoke), "--output", str(tmp_path / "again")])
+    for task in ("vqa", "multiple_choice"):
+        for regime, methods in original[task].items():
+            for method, entry in methods.items():
+                new = again[task][regime][method]
+                assert new["per_seed"] == entry["per_seed"], (task, regime, method)  # the same students, same items
+                assert new["wall_seconds"] == entry["wall_seconds"]  # the training's, as the run recorded it
+                assert new.get("teacher_zero_shot") == entry.get("teacher_zero_shot"), (task, regime, method)
+                for name in ("q2a", "qa2r"):
+                    assert new.get(name) == entry.get(name)
+    assert again["setup"]["reevaluated"]["sources"] == [str(smoke)]
+    assert again["setup"]["text_only"] == original["setup"]["text_only"]
+    assert bench.parse_args(["--eval-limit", "all"]).eval_limit is None
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--eval-limit", "0"])
+
+
+def test_reevaluate_combines_the_seeds_of_several_runs_into_one_paired_row(bench, smoke, tmp_path):
+    later = tmp_path / "seed1"
+    argv = ["--smoke", "--tasks", "vqa", "--regimes", "low_shot_10", "--methods", "no_kd", "clip_td", "--first-seed"]
+    bench.main([*argv, "1", "--output", str(later), "--teacher-cache", str(smoke / "teachers")])
+    out = tmp_path / "both"
+    result = bench.main(["--smoke", "--reevaluate", str(smoke), str(later), "--eval-limit", "50", "--output", str(out)])
+    entry = result["vqa"]["low_shot_10"]
+    assert list(entry["no_kd"]["per_seed"]) == ["0", "1"] and list(entry["clip_td"]["per_seed"]) == ["0", "1"]
+    assert list(entry["mad"]["per_seed"]) == ["0"]  # only the first output ran MAD
+    paired = [entry["clip_td"]["per_seed"][s] - entry["no_kd"]["per_seed"][s] for s in ("0", "1")]
+    assert entry["clip_td"]["gain"]["mean"] == pytest.approx(sum(paired) / 2)
+    assert result["setup"]["seeds"] == [0, 1] and result["setup"]["eval_items"] == {"vqa": 50, "multiple_choice": 50}
+    assert len(result["setup"]["text_only"]["vqa"]["low_shot_10"]["per_seed"]) == 2
+    assert json.loads((out / "task_distill.json").read_text()) == result
+    # what cannot make one table
+    with pytest.raises(SystemExit, match="scored once"):
+        bench.main(["--smoke", "--reevaluate", str(smoke), str(smoke), "--output", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="another directory"):
+        bench.main(["--smoke", "--reevaluate", str(smoke), "--output", str(smoke)])
+    with pytest.raises(SystemExit, match=r"no task_distill\.json"):
+        bench.main(["--smoke", "--reevaluate", str(tmp_path), "--output", str(tmp_path / "x")])
+    steps = json.loads((later / "task_distill.json").read_text())
+    steps["setup"]["steps"] = 3
+    bench.write(tmp_path / "other", steps)
+    with pytest.raises(SystemExit, match="differ in steps"):
+        bench.main(["--smoke", "--reevaluate", str(smoke), str(tmp_path / "other"), "--output", str(tmp_path / "x")])
+    shutil.rmtree(later / "task_distill" / "vqa" / "low_shot_10" / "clip_td" / "seed1" / "student")
+    with pytest.raises(SystemExit, match="holds no saved student"):
+        bench.main(["--smoke", "--reevaluate", str(later), "--output", str(tmp_path / "x")])
