@@ -37,6 +37,8 @@ Usage::
     .venv/bin/python benchmarks/task_distill.py --tasks vqa --regimes low_shot_1 full --seeds 2
     .venv/bin/python benchmarks/task_distill.py --student dandelin/vilt-b32-mlm --teacher openai/clip-vit-base-patch32
     .venv/bin/python benchmarks/task_distill.py --first-seed 3 --eval-offset 300   # new seeds, the next test items
+    .venv/bin/python benchmarks/task_distill.py --reevaluate runs/bench runs/bench-s3 --eval-limit all \
+        --output runs/bench-all                    # the saved students of both, on every test item, no training
 
 Default sizes: every training item of each task (VQA 38,575 questions, entailment 12,000 pairs, multiple choice
 4,000 items; 1% of them is 385 / 120 / 40), 150 steps per run at batch 16 (VQA, entailment) or 4 (multiple choice:
