@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vldistill.tasks import TASKS, answer_prior, get_task, hypothesis_only_baseline
+from vldistill.tasks.predict import _zeroshot_vqa, task_predictor
 
 
 def test_registered_tasks_and_their_declarations():
@@ -94,3 +96,39 @@ def test_a_predictor_that_returns_the_wrong_number_of_predictions_is_an_error():
         get_task("vqa").evaluate(lambda items: ["red"], [_vqa("colour", ["red"])] * 2)
     with pytest.raises(ValueError, match="evaluation data is empty"):
         get_task("vqa").evaluate(lambda items: [], [])
+
+
+class _CountingDualEncoder(torch.nn.Module):
+    """A dual encoder whose embeddings are fixed functions of the image number and the text, counting text calls."""
+
+    kind = "dual_encoder"
+
+    def __init__(self):
+        super().__init__()
+        self.text_calls = 0
+
+    def embed_images(self, images):
+        return torch.stack([torch.tensor([float(i % 3), float(i % 5), 1.0]) for i in images])
+
+    def embed_texts(self, texts):
+        self.text_calls += 1
+        return torch.stack([torch.tensor([len(t) % 3, sum(map(ord, t)) % 5, 0.5], dtype=torch.float) for t in texts])
+
+
+def test_zero_shot_vqa_embeds_each_question_once_and_answers_as_without_the_cache():
+    answers = ["yes", "no", "red", "circle"]
+    samples = [{"image": i, "question": f"question {i % 3}?"} for i in range(10)]
+
+    def expected(model, s):  # the definition: the answer whose "question answer" text is closest to the image
+        texts = model.embed_texts([f"{s['question']} {a}" for a in answers])
+        return answers[int((texts @ model.embed_images([s["image"]])[0]).argmax())]
+
+    model = _CountingDualEncoder()
+    predict = task_predictor(model, "vqa", answers)
+    got = predict(samples[:6]) + predict(samples[6:])
+    assert model.text_calls == 3  # three distinct questions over two batches
+    assert got == [expected(_CountingDualEncoder(), s) for s in samples]
+    # a cache of one question's embeddings: the least recently used goes, the answers stay the same
+    small = _CountingDualEncoder()
+    assert _zeroshot_vqa(small, answers, cache_floats=len(answers) * 3)(samples) == got
+    assert small.text_calls == 10  # the questions alternate, so each sample embeds its own again
