@@ -278,6 +278,11 @@ def run_config(
     return load_recipe(recipe, overrides)
 
 
+def zero_shot_recipe(task: str) -> RecipeConfig:
+    """The recipe a teacher's zero-shot on ``task`` is scored with (before and after MAD): the task's, batches of 64."""
+    return load_recipe(TASKS[task][0], {"eval.batch_size": 64})
+
+
 def _split_dict(split: SplitConfig) -> dict[str, Any]:
     return {"low_shot": split.low_shot, "domain_shift": split.domain_shift, "hold_out": list(split.hold_out)}
 
@@ -621,7 +626,7 @@ def reevaluate(sources: Sequence[str], args: argparse.Namespace, argv: Sequence[
             _, test = data.regime(replace(REGIMES[regime], seed=regime_seeds[0]))
             before, reason, before_other = None, None, None
             if teacher is not None and {"clip_td", "mad"} & set(methods):
-                zs = zero_shot(teacher, load_recipe(TASKS[task][0], {"eval.batch_size": 64}), test, data.train.answers)
+                zs = zero_shot(teacher, zero_shot_recipe(task), test, data.train.answers)
                 before, reason = zs.get(HEADLINE[task]), zs.get("not_applicable")
                 before_other = {name: zs[name] for name in OTHER.get(task, ()) if name in zs}
             runs: dict[str, dict[int, dict[str, Any]]] = {}
@@ -655,7 +660,7 @@ def score_saved(task: str, run_dir: Path, test: LabelledData, data: TaskData, ba
     adapted_dir = run_dir / "adapted-teacher"
     if adapted_dir.is_dir() and task != "entailment":
         adapted = as_teacher(DualEncoder.from_pretrained(adapted_dir))
-        after = zero_shot(adapted, load_recipe(TASKS[task][0], {"eval.batch_size": 64}), test, data.train.answers)
+        after = zero_shot(adapted, zero_shot_recipe(task), test, data.train.answers)
         out["teacher_zero_shot_after"] = after[HEADLINE[task]]
         out["teacher_zero_shot_after_other"] = {name: after[name] for name in OTHER.get(task, ()) if name in after}
     return out
@@ -737,8 +742,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
             for seed in args.seed_list:
                 train, test = data.regime(replace(args.split, seed=seed))
                 if seed == args.seed_list[0] and {"clip_td", "mad"} & set(args.methods):
-                    cfg = load_recipe(TASKS[task][0], {"eval.batch_size": 64})
-                    zs = zero_shot(teacher, cfg, test, data.train.answers)
+                    zs = zero_shot(teacher, zero_shot_recipe(task), test, data.train.answers)
                     before, reason = zs.get(HEADLINE[task]), zs.get("not_applicable")
                     before_other = {name: zs[name] for name in OTHER.get(task, ()) if name in zs}
                 for method in args.methods:
